@@ -179,10 +179,8 @@ def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
 
 # --------------------------------------------------------------------------- Kodak checksums and download
 
-def test_checksum_table_matches_the_shared_file():
-    listing = data.REPO_ROOT.parent / "shared" / "data" / "kodak.sha256"
-    if not listing.is_file():
-        pytest.skip("no ../shared/data/kodak.sha256 on this machine")
+def test_checksum_table_matches_the_shared_file(kodak_dir):
+    listing = kodak_dir.parent / "kodak.sha256"
     table = dict(reversed(line.split()) for line in listing.read_text().splitlines() if line.strip())
     assert table == data.KODAK_SHA256 and len(table) == 24
 
@@ -203,11 +201,8 @@ def test_verify_detects_missing_and_corrupted_files(tmp_path, fake_kodak):
     assert problems[1].startswith("kodim02.png: SHA-256 mismatch") and len(problems) == 2
 
 
-def test_real_kodak_verifies_when_shared():
-    real = data.REPO_ROOT.parent / "shared" / "data" / "kodak"
-    if not real.is_dir():
-        pytest.skip("no ../shared/data/kodak on this machine")
-    assert verify_kodak(real) == []
+def test_real_kodak_verifies_when_shared(kodak_dir):
+    assert verify_kodak(kodak_dir) == []
 
 
 def test_download_kodak_from_a_local_server(tmp_path, fake_kodak):

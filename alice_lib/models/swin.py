@@ -99,7 +99,7 @@ class SwinBlock(nn.Module):
         hp, wp = h + pad_b, w + pad_r
         if self.shift:
             x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
-        windows = window_partition(x, ws).view(-1, ws * ws, c)
+        windows = window_partition(x, ws).reshape(-1, ws * ws, c)
         windows = self.attn(windows, mask if self.shift else None)
         x = window_reverse(windows.view(-1, ws, ws, c), ws, hp, wp)
         if self.shift:
@@ -119,7 +119,7 @@ def shifted_window_mask(h: int, w: int, window: int, shift: int, device: torch.d
         for cols in bounds:
             regions[:, rows, cols, :] = label
             label += 1
-    windows = window_partition(regions, window).view(-1, window * window)
+    windows = window_partition(regions, window).reshape(-1, window * window)
     diff = windows.unsqueeze(1) - windows.unsqueeze(2)
     return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
 

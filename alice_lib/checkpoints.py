@@ -1,0 +1,207 @@
+"""Loading and saving STF weights: the published checkpoints and this project's own files.
+
+Published STF files (Zou et al., CVPR 2022) come as ``{"state_dict": ...}`` or a
+bare state dict, sometimes with DataParallel's ``module.`` prefix and with the
+older CompressAI ``EntropyBottleneck`` layout (``_matrix0``, ``_bias0``,
+``_factor0``). This project writes training checkpoints (``alice_lib.train``)
+and safetensors model files whose metadata carries the :class:`STFConfig`.
+
+Every file is read with ``torch.load(..., weights_only=True)`` or safetensors, the
+whole state dict is checked against the model before anything is copied, and a
+mismatch names the first differing keys and shapes: nothing is ever loaded in part.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+from torch import Tensor, nn
+
+from .models.stf import STFConfig, SymmetricalTransFormer
+
+# Entropy-coder tables: their shapes depend on the weights (filled by ``update()``).
+CODER_BUFFERS = ("_offset", "_quantized_cdf", "_cdf_length", "scale_table")
+_OLD_BOTTLENECK_KEY = re.compile(r"^(entropy_bottleneck)\._(matrix|bias|factor)(\d+)$")
+_PLURAL = {"matrix": "matrices", "bias": "biases", "factor": "factors"}
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model it is loaded into (another architecture or size)."""
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_state_dict_checked` did besides copying the weights."""
+
+    source: str
+    renamed: int = 0
+    unused_keys: list[str] = field(default_factory=list)
+
+
+def is_coder_buffer(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in CODER_BUFFERS
+
+
+def normalise_keys(state_dict: dict[str, Tensor]) -> tuple[OrderedDict, int]:
+    """Strip ``module.`` prefixes and rename the old EntropyBottleneck layout; returns (dict, renamed)."""
+    out, renamed = OrderedDict(), 0
+    for key, value in state_dict.items():
+        new = key
+        while new.startswith("module."):
+            new = new[len("module."):]
+        match = _OLD_BOTTLENECK_KEY.match(new)
+        if match:
+            new = f"{match[1]}.{_PLURAL[match[2]]}.{match[3]}"
+        renamed += new != key
+        out[new] = value
+    return out, renamed
+
+
+def unwrap_checkpoint(obj: dict) -> dict[str, Tensor]:
+    """The state dict inside a published or own checkpoint object."""
+    for key in ("state_dict", "model"):
+        if key in obj and isinstance(obj[key], dict):
+            return obj[key]
+    if all(isinstance(v, Tensor) for v in obj.values()):
+        return obj
+    raise CheckpointMismatchError(f"no state dict found in checkpoint (top-level keys: {list(obj)[:8]})")
+
+
+def _describe(items: list[str], limit: int = 5) -> str:
+    return "; ".join(items[:limit]) + (f"; ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+def load_state_dict_checked(model: nn.Module, state_dict: dict[str, Tensor],
+                            source: str = "checkpoint") -> LoadReport:
+    """Copy ``state_dict`` into ``model`` after checking every key and shape; all or nothing.
+
+    Keys the model lacks are reported (``LoadReport.unused_keys``, and a warning)
+    rather than failing, as published files may carry modules STF does not use;
+    keys the model needs but the file lacks, and any shape difference, raise
+    :class:`CheckpointMismatchError`. Entropy-coder tables may differ in shape
+    may differ in shape or be absent (``update()`` rebuilds them).
+    """
+    state_dict, renamed = normalise_keys(state_dict)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict and not is_coder_buffer(k)]
+    unused = [k for k in state_dict if k not in expected]
+    wrong = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+             for k, v in expected.items()
+             if k in state_dict and not is_coder_buffer(k) and state_dict[k].shape != v.shape]
+    if missing or wrong:
+        problems = []
+        if wrong:
+            problems.append(f"shape mismatches: {_describe(wrong)}")
+        if missing:
+            problems.append(f"missing keys: {_describe(missing)}")
+        raise CheckpointMismatchError(
+            f"{source} does not fit this {type(model).__name__}; nothing was loaded. " + " | ".join(problems))
+    if unused:
+        warnings.warn(f"{source}: ignoring {len(unused)} key(s) the model does not use: {_describe(unused)}",
+                      stacklevel=2)
+    usable = OrderedDict((k, v) for k, v in state_dict.items() if k in expected)
+    for key in expected:  # absent coder tables stay empty until update()
+        usable.setdefault(key, expected[key])
+    model.load_state_dict(usable)
+    return LoadReport(source=source, renamed=renamed, unused_keys=unused)
+
+
+def infer_config(state_dict: dict[str, Tensor]) -> STFConfig:
+    """Recover an :class:`STFConfig` from the shapes of an STF state dict."""
+    sd, _ = normalise_keys(state_dict)
+    try:
+        embed_dim, _, patch, _ = sd["patch_embed.proj.weight"].shape
+        stages = sorted({int(k.split(".")[1]) for k in sd if k.startswith("layers.")})
+        depths = [len({k.split(".")[3] for k in sd if k.startswith(f"layers.{i}.blocks.")}) for i in stages]
+        heads = [sd[f"layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1] for i in stages]
+        table = sd["layers.0.blocks.0.attn.relative_position_bias_table"].shape[0]
+        fc1 = sd.get("layers.0.blocks.0.mlp.fc1.weight", sd.get("layers.0.blocks.0.mlp.fc1.linear.weight"))
+        slices = len({k.split(".")[1] for k in sd if k.startswith("cc_mean_transforms.")})
+    except (KeyError, IndexError, AttributeError) as error:
+        raise CheckpointMismatchError(f"not an STF state dict: cannot find {error}") from error
+    return STFConfig(embed_dim=embed_dim, depths=tuple(depths), num_heads=tuple(heads),
+                     window_size=(int(math.isqrt(table)) + 1) // 2, mlp_ratio=fc1.shape[0] / embed_dim,
+                     num_slices=slices, patch_size=patch)
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], STFConfig | None, dict]:
+    """State dict, configuration (if the file records one) and metadata of a checkpoint file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+        state_dict = load_file(str(path))
+        config = metadata.get("model_config")
+        return state_dict, STFConfig(**json.loads(config)) if config else None, metadata
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle errors, truncated zip files, foreign objects
+        raise CheckpointMismatchError(f"{path} is not a readable PyTorch checkpoint: {error}") from error
+    if not isinstance(obj, dict):
+        raise CheckpointMismatchError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    config = obj.get("model_config") if isinstance(obj.get("model_config"), dict) else None
+    metadata = {k: v for k, v in obj.items() if isinstance(v, (str, int, float))}
+    return unwrap_checkpoint(obj), STFConfig(**config) if config else None, metadata
+
+
+def load_stf(path: str | Path, config: STFConfig | None = None, *, update: bool = True) -> SymmetricalTransFormer:
+    """Build an STF and load a published or own checkpoint into it, in eval mode.
+
+    The configuration comes from ``config``, else from the file's metadata, else
+    from the shapes of the weights (published files carry none). ``update=True``
+    fills entropy-coder tables the file does not carry, so ``compress`` works at once.
+    """
+    state_dict, file_config, _ = read_checkpoint(path)
+    model = SymmetricalTransFormer(config or file_config or infer_config(state_dict))
+    load_state_dict_checked(model, state_dict, source=str(path))
+    if update:
+        model.update()
+    return model.eval()
+
+
+def save_stf(path: str | Path, model: SymmetricalTransFormer, metadata: dict | None = None) -> Path:
+    """Save weights as safetensors with the model configuration in the metadata (written atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Coder tables are saved too: decoding then uses exactly the encoder's CDFs.
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": "alice-stf-v1", "model_config": json.dumps(model.config.to_dict())}
+    meta.update({k: json.dumps(v) if not isinstance(v, str) else v for k, v in (metadata or {}).items()})
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def deterministic_weights_(model: nn.Module) -> nn.Module:
+    """Set the weights by the rule of ``shared/conformance/README.md`` (name- and shape-seeded).
+
+    The published implementation computed the golden outputs with these weights;
+    ``.linear.`` is dropped from names so adapted layers keep the plain weights.
+    """
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("entropy_bottleneck."):
+                if ".biases." in name:
+                    p.zero_()
+                continue
+            seed = zlib.crc32(name.replace(".linear.", ".").encode())
+            r = torch.randn(p.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+            if p.dim() >= 2:
+                p.copy_(r / math.sqrt(p[0].numel()))
+            elif name.endswith(".weight"):
+                p.copy_(1 + 0.1 * r)
+            else:
+                p.copy_(0.1 * r)
+    return model

@@ -1,0 +1,282 @@
+"""Paper figures: RD curves, parameter bars, complexity table (matplotlib, PNG + PDF).
+
+Every function draws on its own :class:`matplotlib.figure.Figure` (no pyplot state, no
+backend change, so it is safe in notebooks and headless runs), saves ``<stem>.png``
+(300 dpi) and ``<stem>.pdf`` into ``out_dir`` and returns ``(figure, [paths])``. Sizes
+are for a single column of a two-column paper (3.5 in wide, 8 pt text).
+
+Inputs:
+
+* RD curves: a summary table (:func:`alice_lib.evaluate.summarize`, one row per rate point
+  with ``method``, ``bpp``, ``psnr``, ``ms_ssim_db``), optionally concatenated with
+  :func:`alice_lib.evaluate.published_points`.
+* Parameter bars: a list of dicts ``{"method", "trainable", "stored_per_rate",
+  "stored_all_rates"}`` (or a mapping method -> the three numbers).
+* Complexity table: the DataFrame of :func:`alice_lib.complexity.measure_complexity`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+__all__ = ["METHOD_STYLES", "PAPER_RC", "plot_rd", "plot_rd_curves", "plot_parameter_bars",
+           "plot_complexity_table", "make_figures", "save_figure"]
+
+#: label, colour, marker, line style per method (Okabe-Ito colours, colour-blind safe).
+METHOD_STYLES: dict[str, dict] = {
+    "fixed-rate": {"label": "STF, fixed-rate models", "color": "#000000", "marker": "o", "linestyle": "-"},
+    "alice": {"label": "ALICE", "color": "#D55E00", "marker": "s", "linestyle": "-"},
+    "malice": {"label": "MALICE", "color": "#0072B2", "marker": "D", "linestyle": "-"},
+    "vanilla": {"label": "Vanilla fine-tuning", "color": "#009E73", "marker": "^", "linestyle": "-"},
+    "stf-published": {"label": "STF (published)", "color": "#7F7F7F", "marker": "x", "linestyle": ":"},
+    "avif": {"label": "AVIF 4:4:4", "color": "#CC79A7", "marker": "v", "linestyle": "--"},
+    "webp": {"label": "WebP (4:2:0)", "color": "#E69F00", "marker": "<", "linestyle": "--"},
+    "jpeg": {"label": "JPEG 4:4:4", "color": "#56B4E9", "marker": ">", "linestyle": "--"},
+}
+_CLASSICAL = {"jpeg", "webp", "avif"}
+_FALLBACK_COLORS = ["#F0E442", "#8C564B", "#17BECF", "#BCBD22", "#9467BD"]
+
+#: rc settings for paper-size figures.
+PAPER_RC = {
+    "font.size": 8, "axes.labelsize": 8, "axes.titlesize": 8, "legend.fontsize": 7,
+    "xtick.labelsize": 7, "ytick.labelsize": 7, "lines.linewidth": 1.2, "lines.markersize": 3.5,
+    "axes.linewidth": 0.6, "grid.linewidth": 0.4, "pdf.fonttype": 42, "ps.fonttype": 42,
+}
+
+_METRIC_LABELS = {"psnr": "PSNR (dB)", "ms_ssim_db": "MS-SSIM (dB)"}
+
+
+def save_figure(fig: Figure, out_dir: str | Path, stem: str) -> list[Path]:
+    """Save ``fig`` as ``<stem>.png`` (300 dpi) and ``<stem>.pdf``; returns both paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext in ("png", "pdf"):
+        path = out_dir / f"{stem}.{ext}"
+        fig.savefig(path, dpi=300, bbox_inches="tight")
+        paths.append(path)
+    return paths
+
+
+def _style(method: str, index: int) -> dict:
+    if method in METHOD_STYLES:
+        return METHOD_STYLES[method]
+    return {"label": method, "color": _FALLBACK_COLORS[index % len(_FALLBACK_COLORS)],
+            "marker": "*", "linestyle": "-."}
+
+
+def _method_order(methods: Sequence[str]) -> list[str]:
+    known = [m for m in METHOD_STYLES if m in methods]
+    return known + [m for m in methods if m not in METHOD_STYLES]
+
+
+def plot_rd(
+    summary: pd.DataFrame,
+    out_dir: str | Path,
+    metric: str = "psnr",
+    *,
+    methods: Sequence[str] | None = None,
+    published: bool = True,
+    stem: str | None = None,
+    title: str | None = None,
+    xlim: tuple[float, float] | None = None,
+    size: tuple[float, float] = (3.5, 2.7),
+) -> tuple[Figure, list[Path]]:
+    """RD curve of ``metric`` (``psnr`` or ``ms_ssim_db``) against bpp for each method.
+
+    One line per method through its rate points sorted by bpp. With ``published`` (and
+    ``metric == "psnr"``) the STF paper's Kodak points are added when the table does not
+    already hold them. The x range defaults to the learned methods' bpp range (classical
+    sweeps run further) and the y range to the points inside it.
+    """
+    if metric not in _METRIC_LABELS:
+        raise ValueError(f"metric must be one of {sorted(_METRIC_LABELS)}")
+    df = summary.copy()
+    if published and metric == "psnr" and "stf-published" not in set(df["method"]):
+        from .evaluate import published_points
+
+        df = pd.concat([df, published_points("mse")], ignore_index=True)
+    if not published:
+        df = df[~df["method"].astype(str).str.startswith("stf-published")]
+    df = df[np.isfinite(pd.to_numeric(df[metric], errors="coerce")) & (pd.to_numeric(df["bpp"]) > 0)]
+    present = list(dict.fromkeys(df["method"]))
+    order = _method_order([m for m in present if methods is None or m in methods])
+    if xlim is None and len(df):
+        learned = df[~df["method"].isin(_CLASSICAL)]
+        top = (learned if len(learned) else df)["bpp"].max()
+        xlim = (0.0, float(top) * 1.1)
+    with matplotlib.rc_context(PAPER_RC):
+        fig = Figure(figsize=size)
+        ax = fig.add_subplot()
+        visible = []
+        for i, method in enumerate(order):
+            pts = df[df["method"] == method].sort_values("bpp")
+            st = _style(method, i)
+            ax.plot(pts["bpp"], pts[metric], label=st["label"], color=st["color"], marker=st["marker"],
+                    linestyle=st["linestyle"])
+            if xlim is not None:
+                visible.append(pts[(pts["bpp"] >= xlim[0]) & (pts["bpp"] <= xlim[1])][metric])
+        ax.set_xlabel("Rate (bpp)")
+        ax.set_ylabel(_METRIC_LABELS[metric])
+        if xlim is not None:
+            ax.set_xlim(*xlim)
+            vis = pd.concat(visible) if visible else pd.Series(dtype=float)
+            if len(vis):
+                lo, hi = float(vis.min()), float(vis.max())
+                pad = max(0.5, 0.05 * (hi - lo))
+                ax.set_ylim(lo - pad, hi + pad)
+        ax.grid(True, alpha=0.4)
+        if title:
+            ax.set_title(title)
+        if order:
+            ax.legend(loc="lower right", frameon=True, framealpha=0.9)
+        fig.tight_layout()
+        paths = save_figure(fig, out_dir, stem or ("rd_psnr" if metric == "psnr" else "rd_msssim"))
+    return fig, paths
+
+
+def plot_rd_curves(summary: pd.DataFrame, out_dir: str | Path, **kwargs) -> dict[str, tuple[Figure, list[Path]]]:
+    """Both RD figures: ``rd_psnr`` (PSNR-bpp) and ``rd_msssim`` (MS-SSIM dB-bpp)."""
+    return {metric: plot_rd(summary, out_dir, metric, **kwargs) for metric in ("psnr", "ms_ssim_db")}
+
+
+_SHORT_LABELS = {"fixed-rate": "Fixed-rate STF", "alice": "ALICE", "malice": "MALICE", "vanilla": "Vanilla FT",
+                 "stf-published": "STF (published)", "jpeg": "JPEG", "webp": "WebP", "avif": "AVIF"}
+
+_PARAM_KEYS = (("trainable", "Trainable"), ("stored_per_rate", "Stored per rate"),
+               ("stored_all_rates", "Stored for all rates"))
+
+
+def _human(n: float) -> str:
+    if not math.isfinite(n):
+        return "-"
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{suffix}"
+    return f"{n:.0f}"
+
+
+def _param_entries(entries) -> list[dict]:
+    if isinstance(entries, Mapping):
+        return [{"method": m, **v} for m, v in entries.items()]
+    if isinstance(entries, pd.DataFrame):
+        return entries.to_dict("records")
+    return [dict(e) for e in entries]
+
+
+def plot_parameter_bars(
+    entries,
+    out_dir: str | Path,
+    *,
+    stem: str = "parameters",
+    size: tuple[float, float] = (3.5, 2.4),
+) -> tuple[Figure, list[Path]]:
+    """Grouped bars on a log scale: trainable / stored per rate / stored for all rates, per method.
+
+    ``entries``: list of ``{"method", "trainable", "stored_per_rate", "stored_all_rates"}``
+    (missing keys are left out; zeros cannot be drawn on a log axis and are labelled "0").
+    """
+    rows = _param_entries(entries)
+    if not rows:
+        raise ValueError("no parameter entries to plot")
+    n_groups, width = len(rows), 0.26
+    x = np.arange(n_groups)
+    with matplotlib.rc_context(PAPER_RC):
+        fig = Figure(figsize=size)
+        ax = fig.add_subplot()
+        colors = ("#D55E00", "#0072B2", "#7F7F7F")
+        for k, ((key, label), color) in enumerate(zip(_PARAM_KEYS, colors)):
+            values = np.array([float(r.get(key, math.nan) or 0) if r.get(key) is not None else math.nan
+                               for r in rows])
+            pos = x + (k - 1) * width
+            drawable = np.where(values > 0, values, np.nan)
+            bars = ax.bar(pos, drawable, width, label=label, color=color)
+            for bar, v, p in zip(bars, values, pos):
+                if not math.isfinite(v):
+                    continue
+                if v > 0:
+                    ax.annotate(_human(v), (p, v), xytext=(0, 1.5), textcoords="offset points",
+                                ha="center", va="bottom", fontsize=5.5, rotation=90)
+                else:
+                    ax.annotate("0", (p, 1), xytext=(0, 1.5), textcoords="offset points",
+                                ha="center", va="bottom", fontsize=5.5)
+        ax.set_yscale("log")
+        ax.set_xticks(x)
+        ax.set_xticklabels([_SHORT_LABELS.get(str(r["method"]), str(r["method"])) for r in rows])
+        ax.set_ylabel("Parameters")
+        ymax = max((float(r.get(k) or 0) for r in rows for k, _ in _PARAM_KEYS), default=1.0)
+        ymin = min((float(r.get(k)) for r in rows for k, _ in _PARAM_KEYS if r.get(k)), default=1.0)
+        ax.set_ylim(max(ymin / 5, 0.5), ymax * 20)
+        ax.grid(True, axis="y", alpha=0.4)
+        ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False, fontsize=6)
+        fig.tight_layout()
+        paths = save_figure(fig, out_dir, stem)
+    return fig, paths
+
+
+def plot_complexity_table(
+    complexity: pd.DataFrame,
+    out_dir: str | Path,
+    *,
+    stem: str = "complexity",
+    size: tuple[float, float] | None = None,
+) -> tuple[Figure, list[Path]]:
+    """The complexity table (model, part, parameters, GMACs, median time, peak memory) as a figure.
+
+    GMACs = FlopCounterMode FLOPs / 2; "Mem." is ``peak_mem_mib`` (see
+    :mod:`alice_lib.complexity` for what it measures on CPU and GPU).
+    """
+    df = complexity.copy()
+    device = ", ".join(sorted(set(df["device"].astype(str)))) if "device" in df else ""
+    cells = [[str(r["model"]), str(r["part"]), f"{r['params'] / 1e6:.2f}",
+              "-" if not (r.get("flops", -1) >= 0) else f"{r['flops'] / 2e9:.1f}",
+              f"{r['time_ms']:.0f}", "-" if not math.isfinite(r.get("peak_mem_mib", math.nan))
+              else f"{r['peak_mem_mib']:.0f}"] for _, r in df.iterrows()]
+    header = ["Model", "Part", "Params (M)", "GMACs", "Time (ms)", "Mem. (MiB)"]
+    if size is None:
+        size = (4.6, 0.2 * (len(cells) + 1))
+    with matplotlib.rc_context(PAPER_RC):
+        fig = Figure(figsize=size)
+        ax = fig.add_subplot()
+        ax.axis("off")
+        table = ax.table(cellText=cells, colLabels=header, cellLoc="center", bbox=[0, 0, 1, 1],
+                         colWidths=[0.22, 0.14, 0.16, 0.12, 0.15, 0.21])
+        table.auto_set_font_size(False)
+        table.set_fontsize(6.5)
+        for (row, _col), cell in table.get_celld().items():
+            cell.set_linewidth(0.4)
+            if row == 0:
+                cell.set_text_props(weight="bold")
+        if device:
+            hw = f"{int(df['height'].iloc[0])}x{int(df['width'].iloc[0])}" if "height" in df else ""
+            ax.set_title(f"{hw} image, {device}; median of {int(df['repeats'].iloc[0])} runs"
+                         if "repeats" in df else device, fontsize=6.5)
+        paths = save_figure(fig, out_dir, stem)
+    return fig, paths
+
+
+def make_figures(
+    out_dir: str | Path,
+    *,
+    summary: pd.DataFrame | None = None,
+    parameters=None,
+    complexity: pd.DataFrame | None = None,
+    published: bool = True,
+) -> list[Path]:
+    """Every figure whose input is given; returns all the paths written."""
+    paths: list[Path] = []
+    if summary is not None:
+        for _fig, p in plot_rd_curves(summary, out_dir, published=published).values():
+            paths += p
+    if parameters is not None:
+        paths += plot_parameter_bars(parameters, out_dir)[1]
+    if complexity is not None:
+        paths += plot_complexity_table(complexity, out_dir)[1]
+    return paths

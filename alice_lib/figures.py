@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-__all__ = ["METHOD_STYLES", "PAPER_RC", "plot_rd", "plot_rd_curves", "plot_parameter_bars",
+__all__ = ["METHOD_STYLES", "PAPER_RC", "plot_rd", "plot_rd_curves", "plot_parameter_bars", "plot_training_curve",
            "plot_complexity_table", "make_figures", "save_figure"]
 
 #: label, colour, marker, line style per method (Okabe-Ito colours, colour-blind safe).
@@ -280,3 +280,26 @@ def make_figures(
     if complexity is not None:
         paths += plot_complexity_table(complexity, out_dir)[1]
     return paths
+
+
+def plot_training_curve(metrics: pd.DataFrame, *, title: str = "", out_dir: str | Path | None = None,
+                        stem: str = "training", size: tuple[float, float] = (7.0, 2.4)) -> Figure:
+    """Loss, bpp and PSNR per epoch from a training run's ``metrics.csv`` (train and validation)."""
+    fig = Figure(figsize=size, layout="constrained")
+    with matplotlib.rc_context(PAPER_RC):
+        axes = fig.subplots(1, 3)
+        x = metrics["step"]
+        for ax, key, label in zip(axes, ("loss", "bpp", "psnr"), ("RD loss", "bpp", "PSNR (dB)")):
+            for split, style in (("train", "-"), ("val", "--")):
+                column = f"{split}_{key}"
+                if column in metrics:
+                    ax.plot(x, metrics[column], style, label=split)
+            ax.set_xlabel("step")
+            ax.set_ylabel(label)
+            ax.grid(True, alpha=0.3)
+        axes[0].legend()
+        if title:
+            fig.suptitle(title)
+    if out_dir is not None:
+        save_figure(fig, out_dir, stem)
+    return fig

@@ -1,0 +1,149 @@
+"""Training-step time and peak memory on CPU for LoRA, vanilla and full training (issue 3, item 9).
+
+The same small STF (``STFConfig(embed_dim=12, depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 6),
+num_slices=4)``, the CPU profile's size), the same batch (8 smooth synthetic 128x128 crops)
+and the same step as :func:`alice_lib.train.train`: forward, rate-distortion loss at
+lambda 0.0067, backward, gradient clipping at 1.0, Adam on the trainable parameters,
+then the auxiliary quantile step when the quantiles train (full mode only).
+
+What is measured, per mode, each in a fresh Python process so that one mode's memory
+cannot hide in another's peak:
+
+* ``step``: median wall time of ``--steps`` timed steps after ``--warmup`` untimed ones
+  (and the min-max range);
+* ``peak RSS``: the process's peak resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``),
+  which includes the interpreter, torch, compressai and the model;
+* ``train mem``: peak RSS minus the RSS just before the first training step (model, optimizer
+  objects and batch already allocated): the activations, gradients and optimizer state
+  that training adds. Glibc may keep freed memory, so this is an upper bound.
+
+Usage: ``.venv/bin/python benchmarks/train_step.py [--steps 8] [--threads 2]``.
+Timings on a shared machine vary with what else runs; compare modes within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODES = ("lora", "vanilla", "full")
+MODEL = dict(embed_dim=12, depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 6), num_slices=4, drop_path_rate=0.0)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def measure(mode: str, steps: int, warmup: int, batch_size: int, crop: int, threads: int) -> dict:
+    """One mode, in this process."""
+    import torch
+    from torch import nn
+
+    from alice_lib import lora
+    from alice_lib.models.stf import STFConfig, SymmetricalTransFormer
+    from alice_lib.train import RateDistortionLoss, SyntheticImages, _split_parameters
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = SymmetricalTransFormer(STFConfig(**MODEL))
+    if mode == "lora":
+        lora.inject_lora(model, lora.LoRAConfig(), generator=torch.Generator().manual_seed(0))
+    lora.mark_trainable(model, mode)
+    model.train()
+    main, aux = _split_parameters(model)
+    optimizer = torch.optim.Adam(main, lr=1e-4)
+    aux_optimizer = torch.optim.Adam(aux, lr=1e-3) if aux else None
+    criterion = RateDistortionLoss(0.0067)
+    data = SyntheticImages(batch_size, crop, seed=0)
+    batch = torch.stack([data[i] for i in range(batch_size)])
+
+    def step() -> None:
+        out = criterion(model(batch), batch)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        nn.utils.clip_grad_norm_(main, 1.0)
+        optimizer.step()
+        if aux_optimizer is not None:
+            aux_optimizer.zero_grad(set_to_none=True)
+            model.aux_loss().backward()
+            aux_optimizer.step()
+
+    rss_before = _rss_mib()
+    times = []
+    for i in range(warmup + steps):
+        started = time.perf_counter()
+        step()
+        if i >= warmup:
+            times.append(time.perf_counter() - started)
+    peak = _peak_rss_mib()
+    return {"mode": mode, "trainable": sum(p.numel() for p in main + aux),
+            "total": sum(p.numel() for p in model.parameters()),
+            "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+            "peak_rss_mib": peak, "rss_before_mib": rss_before, "train_mem_mib": peak - rss_before}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--crop", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child, args.steps, args.warmup, args.batch_size, args.crop, args.threads)))
+        return
+
+    import platform
+
+    import torch
+
+    print(f"STF {MODEL}, batch {args.batch_size}x3x{args.crop}x{args.crop}, {args.threads} thread(s), "
+          f"{args.steps} timed steps after {args.warmup} warm-up, torch {torch.__version__}, "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), "
+          f"load average {os.getloadavg()[0]:.1f}")
+    results = []
+    for mode in args.modes:
+        command = [sys.executable, __file__, "--child", mode, "--steps", str(args.steps), "--warmup",
+                   str(args.warmup), "--batch-size", str(args.batch_size), "--crop", str(args.crop),
+                   "--threads", str(args.threads)]
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(args.threads)}
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+        if done.returncode:
+            sys.exit(f"{mode} failed:\n{done.stderr[-3000:]}")
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    full = next((r for r in results if r["mode"] == "full"), None)
+    header = (f"{'mode':8} {'trainable':>10} {'of total':>9} {'step median':>12} {'(min-max)':>15} "
+              f"{'peak RSS':>10} {'train mem':>10}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(f"{r['mode']:8} {r['trainable']:>10,} {r['trainable'] / r['total']:>9.2%} {r['median_s']:>11.3f}s "
+              f"{'(' + format(r['min_s'], '.2f') + '-' + format(r['max_s'], '.2f') + ')':>15} "
+              f"{r['peak_rss_mib']:>7.0f}MiB {r['train_mem_mib']:>7.0f}MiB")
+    if full:
+        for r in results:
+            if r is not full:
+                print(f"{r['mode']}: step time x{r['median_s'] / full['median_s']:.2f}, "
+                      f"train mem x{r['train_mem_mib'] / full['train_mem_mib']:.2f} of full training")
+
+
+if __name__ == "__main__":
+    main()

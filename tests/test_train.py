@@ -1,0 +1,433 @@
+"""Tests of the training loop (issue 3, items 6 and 8): the rate-distortion loss, the parameter
+split, seeded and resumable runs (bit-exact), non-finite losses, atomic checkpoints, the CSV,
+DistributedDataParallel with gloo, and a real ALICE adaptation check on a tiny model."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from pytorch_msssim import ms_ssim
+from torch.utils.data import Dataset, Subset
+
+from alice_lib import train as train_mod
+from alice_lib.models.stf import STFConfig, SymmetricalTransFormer
+from alice_lib.train import (
+    CHECKPOINT_FORMAT,
+    NonFiniteLossError,
+    RateDistortionLoss,
+    SyntheticImages,
+    TrainConfig,
+    _append_csv,
+    _atomic_save,
+    _read_csv,
+    _split_parameters,
+    _truncate_csv,
+    load_checkpoint,
+    msssim_window,
+    state_dict_hash,
+    train,
+    validate,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+BSDS = REPO.parent / "shared" / "data" / "bsds432"
+TINY = STFConfig(embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), num_slices=4)
+# The keys every single-process checkpoint has had since the first version (the CPU anchor
+# resumes from such a file): a new version may add keys only when it runs distributed / on GPUs.
+V1_KEYS = {"format", "model", "optimizer", "aux_optimizer", "scheduler", "rng", "train_config", "step", "epoch",
+           "best_loss"}
+
+
+def tiny_model(seed: int = 0, **overrides) -> SymmetricalTransFormer:
+    torch.manual_seed(seed)
+    return SymmetricalTransFormer(STFConfig(**{**TINY.to_dict(), **overrides}) if overrides else TINY)
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    # One thread: on a small shared CPU, two threads per tiny op cost more than they gain.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def images() -> SyntheticImages:
+    return SyntheticImages(4, 64, seed=1)
+
+
+# ---------------------------------------------------------------------------- configuration
+def test_config_validation():
+    TrainConfig(lmbda=0.01, steps=1)
+    for bad in ({"optimizer": "rmsprop"}, {"schedule": "step"}, {"metric": "psnr"}, {"steps": 0},
+                {"batch_size": 0}, {"lr": 0.0}, {"clip_max_norm": -1.0}, {"steps_per_epoch": 0},
+                {"plateau_factor": 1.5}):
+        with pytest.raises(ValueError):
+            TrainConfig(**{"lmbda": 0.01, "steps": 1, **bad})
+
+
+# ---------------------------------------------------------------------------- loss
+def _fake_output(target: torch.Tensor, offset: float) -> dict:
+    n = target.shape[0]
+    return {"x_hat": target + offset,
+            "likelihoods": {"y": torch.full((n, 4, 2, 2), 0.5), "z": torch.full((n, 2, 1, 1), 0.25)}}
+
+
+def test_rd_loss_matches_hand_computation():
+    target = torch.rand(2, 3, 16, 16) * 0.5
+    out = RateDistortionLoss(0.0483)(_fake_output(target, 0.1), target)
+    # y: 2*4*2*2 = 32 symbols of 1 bit; z: 2*2 = 4 symbols of 2 bits; 40 bits over 2*16*16 pixels.
+    bpp = 40 / 512
+    mse = 0.01
+    assert out["bpp"].item() == pytest.approx(bpp, rel=1e-6)
+    assert out["mse"].item() == pytest.approx(mse, rel=1e-4)
+    assert out["loss"].item() == pytest.approx(0.0483 * 255**2 * mse + bpp, rel=1e-4)
+
+
+def test_msssim_loss_variant():
+    assert [msssim_window(s) for s in (256, 161, 160, 128, 64, 33)] == [11, 11, 9, 7, 3, 3]
+    with pytest.raises(ValueError, match="33 px"):
+        msssim_window(32)
+    torch.manual_seed(0)
+    target = torch.rand(2, 3, 256, 256)
+    noisy = (target + 0.05 * torch.randn_like(target)).clamp(0, 1)
+    out = {"x_hat": noisy, "likelihoods": {"y": torch.full((2, 1, 4, 4), 0.5)}}
+    result = RateDistortionLoss(8.0, metric="ms-ssim")(out, target)
+    reference = ms_ssim(noisy, target, data_range=1.0)  # the standard 11-tap, 5-scale MS-SSIM
+    assert result["ms_ssim"].item() == pytest.approx(reference.item(), rel=1e-6)
+    bpp = 32 / (2 * 256 * 256)
+    assert result["loss"].item() == pytest.approx(8.0 * (1 - reference.item()) + bpp, rel=1e-5)
+    # 64 px training crops work (3-tap window) and a perfect reconstruction costs only the rate.
+    small = target[..., :64, :64]
+    perfect = RateDistortionLoss(8.0, metric="ms-ssim")(
+        {"x_hat": small.clone(), "likelihoods": {"y": torch.full((2, 1, 4, 4), 0.5)}}, small)
+    assert perfect["loss"].item() == pytest.approx(32 / (2 * 64 * 64), abs=1e-5)
+
+
+# ---------------------------------------------------------------------------- parameter split
+def test_parameter_split_quantiles_go_to_aux_optimizer():
+    model = tiny_model()
+    main, aux = _split_parameters(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [names[id(p)] for p in aux] == ["entropy_bottleneck.quantiles"]
+    assert all(not names[id(p)].endswith("quantiles") for p in main)
+    assert len(main) + len(aux) == len(list(model.parameters()))
+    # Frozen parameters are left out; nothing trainable is a clear error.
+    model.entropy_bottleneck.quantiles.requires_grad_(False)
+    model.patch_embed.requires_grad_(False)
+    main, aux = _split_parameters(model)
+    assert aux == [] and all(p.requires_grad for p in main)
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="nothing to train"):
+        _split_parameters(model)
+
+
+# ---------------------------------------------------------------------------- runs
+class Interrupt(RuntimeError):
+    pass
+
+
+def _stop_after(epochs: int):
+    def callback(row: dict) -> None:
+        if row["epoch"] >= epochs:
+            raise Interrupt(f"simulated kill after epoch {row['epoch']}")
+    return callback
+
+
+def test_same_seed_same_weights(tmp_path, images):
+    config = TrainConfig(lmbda=0.0483, steps=3, batch_size=2, lr=1e-3, seed=3)
+    results = []
+    for name in ("a", "b"):
+        model = tiny_model(0)
+        train(model, images, tmp_path / name, config, progress=False)
+        results.append(weights(model))
+    assert_same_weights(results[0], results[1])
+    other = tiny_model(0)
+    train(other, images, tmp_path / "c", TrainConfig(lmbda=0.0483, steps=3, batch_size=2, lr=1e-3, seed=4),
+          progress=False)
+    assert not torch.equal(weights(other)["patch_embed.proj.weight"], results[0]["patch_embed.proj.weight"])
+
+
+@pytest.mark.parametrize("variant", [
+    dict(optimizer="adam", schedule="cosine", steps_per_epoch=3),  # 3 > 2 batches per pass: the loader goes round
+    dict(optimizer="sgd", schedule="plateau", plateau_patience=0, lr=1e-2),
+])
+def test_resume_after_interruption_is_bit_exact(tmp_path, images, variant):
+    config = TrainConfig(lmbda=0.0483, steps=6, batch_size=2, seed=5, **{"lr": 1e-3, **variant})
+    val = SyntheticImages(2, 64, train=False, seed=9) if variant["schedule"] == "plateau" else None
+    extra = {"mode": "full", "model_config": TINY.to_dict()}
+
+    straight = tiny_model(0)
+    row = train(straight, images, tmp_path / "straight", config, val_data=val, extra_state=extra, progress=False)
+    assert row["step"] == 6
+
+    interrupted = tiny_model(0)
+    with pytest.raises(Interrupt):
+        train(interrupted, images, tmp_path / "resumed", config, val_data=val, extra_state=extra,
+              progress=False, on_epoch_end=_stop_after(1))
+    ckpt = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert ckpt["step"] == (config.steps_per_epoch or 2) and ckpt["epoch"] == 1
+    assert set(ckpt) == V1_KEYS | set(extra)  # the first version's layout: old runs still resume
+    # A new process would rebuild the model from scratch: different initial weights must not matter.
+    resumed = tiny_model(123)
+    row_resumed = train(resumed, images, tmp_path / "resumed", config, val_data=val, extra_state=extra,
+                        progress=False)
+    assert_same_weights(weights(straight), weights(resumed))
+    assert row_resumed["train_loss"] == row["train_loss"] and row_resumed["lr"] == row["lr"]
+    if val is not None:  # the plateau schedule followed the validation loss
+        plateau = load_checkpoint(tmp_path / "resumed" / "last.pt")["scheduler"]
+        val_losses = [float(r["val_loss"]) for r in _read_csv(tmp_path / "resumed" / "metrics.csv")[1]]
+        assert plateau["best"] == pytest.approx(min(val_losses), rel=1e-12)
+        best = load_checkpoint(tmp_path / "resumed" / "best.pt")
+        assert best["best_loss"] == pytest.approx(min(val_losses), rel=1e-12)
+    for folder in ("straight", "resumed"):
+        header, rows = _read_csv(tmp_path / folder / "metrics.csv")
+        assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1))
+        assert int(rows[-1]["step"]) == 6
+        assert (tmp_path / folder / "best.pt").exists()
+    assert len(_read_csv(tmp_path / "resumed" / "metrics.csv")[1]) == len(_read_csv(tmp_path / "straight" / "metrics.csv")[1])
+    # A finished run resumed again trains nothing and reports its last row.
+    again = tiny_model(7)
+    assert train(again, images, tmp_path / "straight", config, val_data=val, progress=False)["step"] == 6
+    assert_same_weights(weights(again), weights(straight))
+
+
+class PoisonAfter(Dataset):
+    """Wraps a dataset; returns NaN images once ``poisoned`` is set."""
+
+    def __init__(self, data: Dataset):
+        self.data, self.poisoned = data, False
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        item = self.data[index]
+        return torch.full_like(item, float("nan")) if self.poisoned else item
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, images):
+    data = PoisonAfter(images)
+    model = tiny_model(0)
+
+    def poison(row):
+        data.poisoned = True
+
+    config = TrainConfig(lmbda=0.0483, steps=6, batch_size=2, lr=1e-3)
+    with pytest.raises(NonFiniteLossError, match="non-finite loss .* at step 3.*last good checkpoint"):
+        train(model, data, tmp_path, config, progress=False, on_epoch_end=poison)
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["step"] == 2 and ckpt["epoch"] == 1
+    assert_same_weights(weights(model), ckpt["model"])  # no update was applied with the bad loss
+    assert not (tmp_path / "last.pt.tmp").exists()
+    # Once the data is fixed the run resumes from the good checkpoint.
+    data.poisoned = False
+    assert train(tiny_model(1), data, tmp_path, config, progress=False)["step"] == 6
+
+
+def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, images, monkeypatch):
+    config = TrainConfig(lmbda=0.0483, steps=4, batch_size=2, lr=1e-3)
+    with pytest.raises(Interrupt):
+        train(tiny_model(0), images, tmp_path, config, progress=False, on_epoch_end=_stop_after(1))
+    last = tmp_path / "last.pt"
+    before = last.read_bytes()
+    real_save = torch.save
+
+    def crashing_save(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)
+        with open(path, "r+b") as f:  # a kill half-way through the write
+            f.truncate(os.path.getsize(path) // 2)
+        raise OSError("simulated crash while writing")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError, match="simulated crash"):
+        train(tiny_model(0), images, tmp_path, config, progress=False)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert last.read_bytes() == before
+    assert load_checkpoint(last)["step"] == 2
+    assert not (tmp_path / "last.pt.tmp").exists()
+    # The partially written temporary file of a hard kill (no cleanup) does not matter either.
+    (tmp_path / "last.pt.tmp").write_bytes(b"\x80garbage")
+    assert train(tiny_model(0), images, tmp_path, config, progress=False)["step"] == 4
+    assert load_checkpoint(last)["step"] == 4
+
+
+def test_atomic_save_and_format_check(tmp_path):
+    path = tmp_path / "x.pt"
+    _atomic_save({"format": CHECKPOINT_FORMAT, "a": torch.ones(2)}, path)
+    assert torch.equal(load_checkpoint(path)["a"], torch.ones(2))
+    torch.save({"weights": torch.ones(1)}, tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="not a training checkpoint"):
+        load_checkpoint(tmp_path / "plain.pt")
+
+
+def test_csv_union_header_and_truncation(tmp_path):
+    path = tmp_path / "m.csv"
+    _append_csv(path, {"epoch": 1, "step": 2, "loss": 3.0})
+    _append_csv(path, {"epoch": 2, "step": 4, "loss": 2.0, "val_loss": 1.0})
+    _append_csv(path, {"epoch": 3, "step": 6, "loss": 1.0})
+    header, rows = _read_csv(path)
+    assert header == ["epoch", "step", "loss", "val_loss"]
+    assert [r["val_loss"] for r in rows] == ["", "1.0", ""]
+    _truncate_csv(path, 2)
+    assert [r["epoch"] for r in _read_csv(path)[1]] == ["1", "2"]
+
+
+def test_progress_bar_metrics_and_extra_state(tmp_path, images, capsys):
+    config = TrainConfig(lmbda=0.0483, steps=2, batch_size=2, lr=1e-3)
+    with pytest.raises(ValueError, match="checkpoint's own keys"):
+        train(tiny_model(0), images, tmp_path, config, extra_state={"step": 1})
+    row = train(tiny_model(0), images, tmp_path, config, val_data=SyntheticImages(2, 64, train=False),
+                extra_state={"mode": "full"}, progress=True)
+    assert "train λ=0.0483" in capsys.readouterr().err
+    assert {"train_loss", "train_bpp", "train_psnr", "val_loss", "val_bpp", "val_psnr", "lr"} <= set(row)
+    assert load_checkpoint(tmp_path / "best.pt")["mode"] == "full"
+    with pytest.raises(ValueError, match="smaller than one batch"):
+        train(tiny_model(0), SyntheticImages(1, 64), tmp_path / "small", config, progress=False)
+
+
+# ---------------------------------------------------------------------------- DDP
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, run_dir: str, out_dir: str, steps: int = 3,
+                stop_after: int | None = None, tag: str = "") -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = tiny_model(seed=100 + rank)  # different on purpose: DDP starts every rank from rank 0's weights
+        config = TrainConfig(lmbda=0.0483, steps=steps, batch_size=2, lr=1e-3, seed=2)
+        try:
+            row = train(model, SyntheticImages(8, 64, seed=1), run_dir, config, progress=False,
+                        on_epoch_end=_stop_after(stop_after) if stop_after else None)
+        except Interrupt:
+            return
+        Path(out_dir, f"hash{tag}_{rank}.txt").write_text(
+            f"{state_dict_hash(model)} {row['step']} {row['train_loss']}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _launch(*args, **kwargs) -> None:
+    import torch.multiprocessing as mp
+
+    # fork: the children inherit the imported modules (a spawned interpreter spends ~10 s importing compressai).
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), *args), nprocs=2, join=True, start_method="fork")
+
+
+def test_ddp_gloo_two_processes_end_with_identical_weights(tmp_path):
+    run_dir = tmp_path / "run"
+    _launch(str(run_dir), str(tmp_path))
+    first, second = ((tmp_path / f"hash_{r}.txt").read_text().split() for r in range(2))
+    assert first == second  # same weights, step and (all-reduced) training loss on both ranks
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    assert ckpt["world_size"] == 2 and len(ckpt["rng_per_rank"]) == 2 and ckpt["step"] == 3
+    assert not torch.equal(ckpt["rng_per_rank"][0]["cpu"], ckpt["rng_per_rank"][1]["cpu"])
+    saved = SymmetricalTransFormer(TINY)
+    saved.load_state_dict(ckpt["model"])
+    assert state_dict_hash(saved) == first[0]
+    # 8 images, 2 ranks, 2 per batch: 2 steps per epoch; rank 0 alone wrote one row per epoch.
+    assert [r["epoch"] for r in _read_csv(run_dir / "metrics.csv")[1]] == ["1", "2"]
+    # Interrupted after one epoch and resumed by both ranks (each restores its own random state):
+    # the same weights as the uninterrupted run.
+    _launch(str(tmp_path / "resumed"), str(tmp_path), 3, 1, "_resumed")
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["step"] == 2
+    _launch(str(tmp_path / "resumed"), str(tmp_path), 3, None, "_resumed")
+    for r in range(2):
+        assert (tmp_path / f"hash_resumed_{r}.txt").read_text().split() == first
+
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun not installed")
+def test_torchrun_cli_two_processes(tmp_path):
+    run_dir = tmp_path / "run"
+    command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
+               "-m", "alice_lib.train", "--synthetic", "8", "--crop", "64", "--batch-size", "2", "--steps", "2",
+               "--lr", "1e-3", "--lmbda", "0.0483", "--run-dir", str(run_dir), "--backend", "gloo", "--device", "cpu",
+               "--threads", "1", "--no-progress", "--hash-file", str(tmp_path / "hash_{rank}.txt"),
+               *[f"--model-set={k}={v}" for k, v in
+                 (("embed_dim", 8), ("depths", "[1,1,1,1]"), ("num_heads", "[1,2,2,4]"), ("num_slices", 4))]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=170)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    hashes = [(tmp_path / f"hash_{r}.txt").read_text().strip() for r in range(2)]
+    assert hashes[0] == hashes[1]
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    assert ckpt["mode"] == "full" and ckpt["world_size"] == 2 and ckpt["step"] == 2
+
+
+def test_cli_help():
+    with pytest.raises(SystemExit) as exit_info:
+        train_mod.main(["--help"])
+    assert exit_info.value.code == 0
+
+
+# ---------------------------------------------------------------------------- adapters
+def test_vanilla_and_lora_modes_train_only_their_parameters(tmp_path, images):
+    lora = pytest.importorskip("alice_lib.lora")
+    config = TrainConfig(lmbda=0.0067, steps=2, batch_size=2, lr=1e-3)
+    for mode in ("vanilla", "lora"):
+        model = tiny_model(0)
+        if mode == "lora":
+            lora.inject_lora(model, lora.LoRAConfig(), generator=torch.Generator().manual_seed(0))
+        trainable = set(lora.mark_trainable(model, mode))
+        before = weights(model)
+        train(model, images, tmp_path / mode, config, progress=False, extra_state={"mode": mode})
+        after = weights(model)
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        assert changed and changed <= trainable, sorted(changed - trainable)[:3]
+        if mode == "lora":  # W_b starts at zero, so only it moves at the first step; then both do
+            assert all(".lora.W_" in k for k in changed)
+        else:
+            assert all(k.endswith(("mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"))
+                       for k in changed)
+        assert not load_checkpoint(tmp_path / mode / "last.pt")["aux_optimizer"]  # quantiles frozen
+
+
+def _adaptation_data():
+    if BSDS.is_dir():
+        from alice_lib.data import ImageFolder
+
+        train_set = Subset(ImageFolder(BSDS, 64, train=True, max_images=16), range(12))
+        val_set = Subset(ImageFolder(BSDS, 64, train=False, max_images=16), range(12, 16))
+        return train_set, val_set
+    return SyntheticImages(12, 64, seed=3), SyntheticImages(4, 64, train=False, seed=4)
+
+
+def test_lora_adaptation_to_a_lower_rate_lowers_rate_and_loss(tmp_path):
+    lora = pytest.importorskip("alice_lib.lora")
+    train_set, val_set = _adaptation_data()
+    model = tiny_model(0, drop_path_rate=0.0)
+    train(model, train_set, tmp_path / "anchor", TrainConfig(lmbda=0.0483, steps=150, batch_size=2, lr=1e-3),
+          progress=False)
+    target = RateDistortionLoss(0.0067)
+    before = validate(model, val_set, target)
+    lora.inject_lora(model, lora.LoRAConfig(), generator=torch.Generator().manual_seed(0))
+    lora.mark_trainable(model, "lora")
+    train(model, train_set, tmp_path / "adapted", TrainConfig(lmbda=0.0067, steps=100, batch_size=2, lr=1e-3),
+          progress=False)
+    after = validate(model, val_set, target)
+    assert after["bpp"] < before["bpp"], (before, after)
+    assert after["loss"] < before["loss"], (before, after)

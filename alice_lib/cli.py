@@ -13,13 +13,26 @@ def _run(args: argparse.Namespace) -> int:
     started = time.time()
     try:
         reports = run_pipeline(args.profile, run_dir=args.run_dir, reports_dir=args.reports_dir,
-                               kernel_name=args.kernel)
+                               parameters=_parameters(args.param), kernel_name=args.kernel)
     except PipelineError as error:
         print(f"alice run: {error}", file=sys.stderr)
         return 1
     print(f"alice run: profile {args.profile} finished in {time.time() - started:.0f} s; "
           f"figures and tables in {reports}")
     return 0
+
+
+def _parameters(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` strings as notebook parameters (VALUE parsed as YAML: numbers, lists, dicts)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise SystemExit(f"alice run: --param expects KEY=VALUE, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", default=None, help="default: runs/<profile>")
     run.add_argument("--reports-dir", default=None, help="default: reports/<profile>")
     run.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebooks' own)")
+    run.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                     help="notebook parameter, e.g. kodak_dir=/data/kodak or anchor_checkpoint=stf_0483.pth.tar")
     run.set_defaults(handler=_run)
     return parser
 

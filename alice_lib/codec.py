@@ -536,8 +536,14 @@ def decode(rate_control: RateControl, alice: AliceFile) -> Tensor:
     if tuple(alice.z_shape) != expected:
         raise AliceFormatError(f"z shape {alice.z_shape} does not match a {alice.height}x{alice.width} image "
                                f"for this model (expected {expected})")
-    out = model.decompress([[alice.y_string], [alice.z_string]], alice.z_shape, (alice.height, alice.width))
-    return out["x_hat"][0].mul(255).round().to(torch.uint8).cpu()
+    try:
+        out = model.decompress([[alice.y_string], [alice.z_string]], alice.z_shape, (alice.height, alice.width))
+    except (RuntimeError, ValueError, IndexError, OverflowError) as error:  # only past a CRC collision
+        raise AliceFormatError(f"the bitstream could not be decoded ({type(error).__name__}: {error})") from error
+    x_hat = out["x_hat"]
+    if x_hat.shape[-2:] != (alice.height, alice.width) or not torch.isfinite(x_hat).all():
+        raise AliceFormatError("the bitstream decoded to an invalid image")
+    return x_hat[0].mul(255).round().to(torch.uint8).cpu()
 
 
 # ============================================================================ target coding

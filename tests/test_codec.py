@@ -26,7 +26,7 @@ from PIL import Image
 from alice_lib import codec
 from alice_lib.checkpoints import save_stf
 from alice_lib.cli import main
-from alice_lib.codec import (HEADER_SIZE, MAGIC, AliceFile, AliceFormatError, RateControl, compress_to_target,
+from alice_lib.codec import (HEADER_SIZE, MAGIC, AliceFormatError, RateControl, compress_to_target,
                              decode, encode, parse_alice, read_alice, serialize_alice, write_alice)
 from alice_lib.evaluate import read_rgb
 from alice_lib.lora import LoRAConfig, inject_lora, load_adapters, lora_modules, merged_state_dict, save_adapters

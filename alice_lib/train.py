@@ -163,15 +163,15 @@ def _split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Par
 
 
 # ---------------------------------------------------------------------------- files
-def _atomic_save(obj: dict, path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: a kill never leaves half a file.
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a temporary file in the same folder, fsync, then rename: a kill never leaves half a file.
 
     If writing fails the temporary file is removed and ``path`` keeps its previous content.
     """
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -179,19 +179,14 @@ def _atomic_save(obj: dict, path: Path) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _atomic_copy(source: Path, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        shutil.copyfile(source, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    _atomic_write(path, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -30,3 +31,13 @@ def conformance_dir() -> Path:
 @pytest.fixture(scope="session")
 def kodak_dir() -> Path:
     return require_shared(SHARED / "data" / "kodak")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """One intra-op thread: the tests use tiny models, and on a shared 2-core machine
+    thread hand-offs (and oversubscription) make them several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -36,10 +36,10 @@ from alice_lib.lora import (
     target_names,
     unmerge_lora,
 )
+from alice_lib.checkpoints import deterministic_weights_
 from alice_lib.models.stf import STFConfig, SymmetricalTransFormer
 
 REPO = Path(__file__).resolve().parents[1]
-CONFORMANCE = REPO.parent / "shared" / "conformance"
 PROFILE = REPO / "alice_lib" / "profiles" / "lora_8_8.yaml"
 PUBLISHED_PARAMS = 99_855_639
 PUBLISHED_ADAPTER_PARAMS = 353_280
@@ -48,25 +48,6 @@ TINY = STFConfig(embed_dim=8, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2), num_s
 
 
 # ---------------------------------------------------------------------------- helpers
-@torch.no_grad()
-def deterministic_weights_(model: nn.Module) -> nn.Module:
-    """The conformance README's rule: each value depends only on its parameter's name and shape."""
-    for name, p in model.named_parameters():
-        if name.startswith("entropy_bottleneck."):
-            if ".biases." in name:
-                p.zero_()
-            continue
-        g = torch.Generator().manual_seed(zlib.crc32(name.replace(".linear.", ".").encode()))
-        r = torch.randn(p.shape, generator=g, dtype=torch.float32)
-        if p.dim() >= 2:
-            p.copy_(r / math.sqrt(p[0].numel()))
-        elif name.endswith(".weight"):
-            p.copy_(1 + 0.1 * r)
-        else:
-            p.copy_(0.1 * r)
-    return model
-
-
 def tiny_model(seed: int = 0) -> SymmetricalTransFormer:
     torch.manual_seed(seed)
     return SymmetricalTransFormer(TINY).eval()
@@ -85,30 +66,14 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float = 
     assert err <= rel * scale, f"max abs diff {err:.3g} > {rel} * {scale:.3g}"
 
 
-def conformance_dir() -> Path:
-    if not (CONFORMANCE / "stf_keys.json").is_file() or not (CONFORMANCE / "stf_golden.pt").is_file():
-        pytest.skip(f"conformance data not found at {CONFORMANCE}")
-    return CONFORMANCE
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One intra-op thread: on a small shared CPU the many tiny matmuls here run several
-    times faster without thread hand-offs. Restored afterwards for other test files."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(scope="module")
+def keys(conformance_dir) -> dict:
+    return json.loads((conformance_dir / "stf_keys.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def keys() -> dict:
-    return json.loads((conformance_dir() / "stf_keys.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def golden() -> dict:
-    return torch.load(conformance_dir() / "stf_golden.pt", weights_only=True)
+def golden(conformance_dir) -> dict:
+    return torch.load(conformance_dir / "stf_golden.pt", weights_only=True)
 
 
 @pytest.fixture(scope="module")

@@ -59,15 +59,6 @@ def assert_same_weights(a: dict, b: dict) -> None:
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    # One thread: on a small shared CPU, two threads per tiny op cost more than they gain.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def images() -> SyntheticImages:
     return SyntheticImages(4, 64, seed=1)

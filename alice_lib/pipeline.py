@@ -163,10 +163,24 @@ def train_from_scratch(profile: dict, run_dir: str | Path, lmbda: float, out_pat
     folder = Path(run_dir) / "train" / f"fixed-rate-{lmbda_tag(lmbda)}"
     train(model, train_set, folder, _train_config(profile, spec, lmbda), val_data=val_set, progress=progress,
           extra_state={"model_config": config.to_dict(), "mode": "full", "lmbda": lmbda})
+    return export_trained(folder, out_path)
+
+
+def export_trained(folder: str | Path, out_path: str | Path) -> Path:
+    """The best checkpoint of a fixed-rate training folder as a safetensors model file.
+
+    Its ``metrics.csv`` is copied beside it (``<name>.metrics.csv``), so that a shipped
+    model keeps its training log.
+    """
+    folder, out_path = Path(folder), Path(out_path)
     best = torch.load(folder / "best.pt", map_location="cpu", weights_only=True)
+    model = SymmetricalTransFormer(STFConfig(**best["model_config"]))
     model.load_state_dict(best["model"])
     model.update(force=True)
-    return save_stf(out_path, model, {"lmbda": lmbda, "trained_steps": best["step"], "source": str(folder)})
+    path = save_stf(out_path, model, {"lmbda": best["lmbda"], "trained_steps": best["step"],
+                                      "best_val_loss": best["best_loss"]})
+    shutil.copy2(folder / "metrics.csv", out_path.with_suffix(".metrics.csv"))
+    return path
 
 
 def prepare_anchor(profile: dict, run_dir: str | Path, checkpoint: str | None = None,

@@ -87,7 +87,7 @@ def plot_rd(
     stem: str | None = None,
     title: str | None = None,
     xlim: tuple[float, float] | None = None,
-    size: tuple[float, float] = (3.5, 2.7),
+    size: tuple[float, float] = (5.0, 2.7),
 ) -> tuple[Figure, list[Path]]:
     """RD curve of ``metric`` (``psnr`` or ``ms_ssim_db``) against bpp for each method.
 
@@ -136,7 +136,8 @@ def plot_rd(
         if title:
             ax.set_title(title)
         if order:
-            ax.legend(loc="lower right", frameon=True, framealpha=0.9)
+            # Beside the axes, never over the curves (learned curves can sit anywhere).
+            ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, borderaxespad=0.0)
         fig.tight_layout()
         paths = save_figure(fig, out_dir, stem or ("rd_psnr" if metric == "psnr" else "rd_msssim"))
     return fig, paths

@@ -135,13 +135,13 @@ def _guard(name: str, fn, args: argparse.Namespace) -> int:
 
 def _compress(args: argparse.Namespace) -> int:
     from .codec import compress_to_target, encode, write_alice
-    from .evaluate import read_rgb
+    from .data import read_image
 
     src, dst = _check_paths(args.input, args.output)
     chosen = [x is not None for x in (args.lmbda, args.bpp, args.psnr)]
     if sum(chosen) > 1:
         raise CLIError("give at most one of --lmbda, --bpp and --psnr")
-    image = read_rgb(src)
+    image = read_image(src)
     rc = load_rate_control(args, args.mode)
     started = time.time()
     note = ""

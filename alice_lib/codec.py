@@ -744,10 +744,11 @@ def compress_to_target(rate_control: RateControl, image: Tensor, target_bpp: flo
 
 # ============================================================================ measurement
 def _images(image_dir, max_images: int | None):
-    from .evaluate import find_images, read_rgb
+    from .data import read_image
+    from .evaluate import find_images
 
     paths = find_images(image_dir)[:max_images] if max_images else find_images(image_dir)
-    return [(p.name, read_rgb(p)) for p in paths]
+    return [(p.name, read_image(p)) for p in paths]
 
 
 def measure_intermediate(rate_control: RateControl, image_dir: str | os.PathLike, per_interval: int = 3,

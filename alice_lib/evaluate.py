@@ -56,6 +56,8 @@ from PIL import Image, UnidentifiedImageError
 from PIL import features as pil_features
 from torch import Tensor, nn
 
+from .data import read_image
+
 try:  # progress bars are a convenience, never a requirement
     from tqdm.auto import tqdm
 except ImportError:  # pragma: no cover
@@ -65,7 +67,7 @@ except ImportError:  # pragma: no cover
 __all__ = [
     "RESULT_COLUMNS", "SUMMARY_COLUMNS", "BD_COLUMNS", "METHODS", "CLASSICAL_CODECS",
     "STF_PUBLISHED_KODAK", "STF_PUBLISHED_KODAK_MSSSIM",
-    "read_rgb", "find_images", "psnr_rgb", "ms_ssim_rgb", "ms_ssim_to_db",
+    "find_images", "psnr_rgb", "ms_ssim_rgb", "ms_ssim_to_db",
     "code_image", "code_classical", "evaluate_models", "evaluate_classical", "summarize",
     "published_points", "write_compressai_json", "bd_rate", "bd_psnr", "bd_table",
     "write_bd_table", "run_evaluation", "avif_available",
@@ -146,34 +148,6 @@ def published_points(which: str = "mse") -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------
 # Images
 # ---------------------------------------------------------------------------------------------
-
-def read_rgb(path: str | Path) -> Tensor:
-    """Read an image file as an 8-bit RGB tensor ``uint8 [3, H, W]``.
-
-    Grayscale (``L``), palette (``P``), ``LA`` / ``RGBA`` (alpha dropped, not composited),
-    ``CMYK`` / ``YCbCr`` and 16/32-bit grayscale (``I;16``, ``I``, ``F``: scaled from the
-    type's range to 0..255 and rounded) all become RGB. EXIF orientation is not applied
-    (Kodak and the usual test sets have none). A file Pillow cannot identify raises
-    ``ValueError`` naming the file.
-    """
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            img.load()
-            mode = img.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-                arr = np.asarray(img, dtype=np.float64)
-                peak = 65535.0 if mode.startswith("I;16") or (mode == "I" and arr.max() > 255) else 255.0
-                if mode == "F":
-                    peak = 1.0 if arr.max() <= 1.0 else 255.0
-                arr = np.clip(np.round(arr / peak * 255.0), 0, 255).astype(np.uint8)
-                rgb = np.repeat(arr[..., None], 3, axis=2)
-            else:
-                rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ValueError(f"{path} is not a readable image: {exc}") from exc
-    return torch.from_numpy(np.array(rgb, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
-
 
 def find_images(image_dir: str | Path) -> list[Path]:
     """The image files of a folder, sorted by name; non-images are skipped with a warning.
@@ -416,7 +390,7 @@ def evaluate_models(
             for path in bar:
                 row = {**base, "image": path.name, "error": ""}
                 try:
-                    image = read_rgb(path)
+                    image = read_image(path)
                     row.update(height=image.shape[1], width=image.shape[2])
                     row.update(code_image(model, image, estimate_bpp=estimate_bpp))
                 except Exception as exc:  # noqa: BLE001
@@ -530,7 +504,7 @@ def evaluate_classical(
     try:
         for path in tqdm(images, desc="classical codecs", disable=not progress, leave=False):
             try:
-                image = read_rgb(path)
+                image = read_image(path)
             except Exception as exc:  # noqa: BLE001
                 warnings.warn(f"image {path.name}: {exc}", stacklevel=2)
                 for codec in usable:

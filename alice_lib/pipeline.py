@@ -483,7 +483,7 @@ def anchor_training_log(profile: dict, run_dir: str | Path) -> Path | None:
 def write_report(profile: dict, run_dir: str | Path, reports_dir: str | Path) -> dict:
     """Tables and figures of a finished run into ``reports_dir`` (05_figures)."""
     from .complexity import measure_complexity
-    from .evaluate import read_rgb
+    from .data import read_image
     from .figures import plot_complexity_table, plot_parameter_bars, plot_rd_curves
 
     run_dir, reports_dir = Path(run_dir), Path(reports_dir)
@@ -511,7 +511,7 @@ def write_report(profile: dict, run_dir: str | Path, reports_dir: str | Path) ->
     image_path = Path(data_sources(run_dir)["kodak"]["path"]) / spec.get("image", "kodim01.png")
     if not image_path.exists():
         image_path = data_lib.list_images(image_path.parent)[0]
-    complexity = measure_complexity(complexity_models(profile), read_rgb(image_path),
+    complexity = measure_complexity(complexity_models(profile), read_image(image_path),
                                     repeats=spec.get("repeats", 3), out_path=reports_dir / "complexity.csv")
     plot_complexity_table(complexity, reports_dir)
     files = sorted(p for p in reports_dir.iterdir() if p.is_file())

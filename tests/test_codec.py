@@ -28,7 +28,7 @@ from alice_lib.checkpoints import save_stf
 from alice_lib.cli import main
 from alice_lib.codec import (HEADER_SIZE, MAGIC, AliceFormatError, RateControl, compress_to_target,
                              decode, encode, parse_alice, read_alice, serialize_alice, write_alice)
-from alice_lib.evaluate import read_rgb
+from alice_lib.data import read_image
 from alice_lib.lora import LoRAConfig, inject_lora, load_adapters, lora_modules, merged_state_dict, save_adapters
 from alice_lib.models.stf import STFConfig, SymmetricalTransFormer
 
@@ -89,7 +89,7 @@ def _synthetic(h: int = 64, w: int = 64, seed: int = 0) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def crop(kodak_dir):
-    return read_rgb(kodak_dir / "kodim01.png")[:, 100:196, 200:328].contiguous()  # 96x128
+    return read_image(kodak_dir / "kodim01.png")[:, 100:196, 200:328].contiguous()  # 96x128
 
 
 # ============================================================================ rate control
@@ -356,7 +356,7 @@ def test_read_alice_errors(tmp_path):
 # ============================================================================ target coding
 def test_target_bpp_accuracy(tiny, kodak_dir):
     rc = tiny["rc"]
-    images = [read_rgb(kodak_dir / f"kodim{i:02d}.png")[:, 200:264, 300:364].contiguous() for i in (1, 5, 13)]
+    images = [read_image(kodak_dir / f"kodim{i:02d}.png")[:, 200:264, 300:364].contiguous() for i in (1, 5, 13)]
     hits = total = 0
     for image in images:
         lo_bpp = encode(rc, image, rc.range[0]).bpp
@@ -405,7 +405,7 @@ def test_cli_round_trip(tiny, tmp_path, capsys):
     assert "base_hash" in printed and tiny["rc"].base_hash[:16] in printed
     rec = tmp_path / "rec.png"
     assert main(["decompress", str(out), str(rec), *_weights(tiny)]) == 0
-    assert torch.equal(read_rgb(rec), decode(tiny["rc"], f))
+    assert torch.equal(read_image(rec), decode(tiny["rc"], f))
     # Target coding and the anchor's own rate (no --lmbda): the anchor lambda from the model's metadata.
     assert main(["compress", str(png), str(tmp_path / "t.alice"), "--bpp", str(f.bpp), *_weights(tiny)]) == 0
     assert abs(read_alice(tmp_path / "t.alice").bpp / f.bpp - 1) < 0.1
@@ -474,7 +474,7 @@ def test_cli_discovers_shipped_weights(tiny, tmp_path, monkeypatch):
     Image.fromarray(_synthetic(64, 64).permute(1, 2, 0).numpy()).save(png)
     assert main(["compress", str(png), str(tmp_path / "s.alice"), "--lmbda", "0.016"]) == 0
     assert main(["decompress", str(tmp_path / "s.alice"), str(tmp_path / "s.png")]) == 0
-    assert read_rgb(tmp_path / "s.png").shape == (3, 64, 64)
+    assert read_image(tmp_path / "s.png").shape == (3, 64, 64)
 
 
 def test_measurement_helpers(tiny, tmp_path):

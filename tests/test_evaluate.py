@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from alice_lib import evaluate as ev
+from alice_lib.data import read_image
 from alice_lib.complexity import COMPLEXITY_COLUMNS, measure_complexity
 from alice_lib.figures import plot_complexity_table, plot_parameter_bars, plot_rd_curves
 from alice_lib.models.stf import STFConfig, SymmetricalTransFormer
@@ -114,7 +115,7 @@ def test_evaluate_tiny_stf_bpp_is_real_bytes(tiny_model, image_dir, tmp_path):
     assert len(df) == 2 and (df["error"] == "").all()
     assert list(pd.read_csv(tmp_path / "results.csv").columns) == ev.RESULT_COLUMNS
     for _, row in df.iterrows():
-        image = ev.read_rgb(image_dir / row["image"])
+        image = read_image(image_dir / row["image"])
         assert (row["height"], row["width"]) == tuple(image.shape[1:])
         enc = tiny_model.compress(image.float().div(255).unsqueeze(0))
         n_bytes = sum(len(s) for group in enc["strings"] for s in group)
@@ -199,7 +200,7 @@ def test_failure_mid_evaluation_keeps_rows(tiny_model, image_dir, tmp_path):
 def test_classical_round_trip(codec, image_dir):
     if codec == "avif" and not ev.avif_available():
         pytest.skip("Pillow without AVIF")
-    image = ev.read_rgb(image_dir / "b.png")
+    image = read_image(image_dir / "b.png")
     low, high = (ev.code_classical(image, codec, q) for q in (10, 90))
     spec = ev.CLASSICAL_CODECS[codec]
     buf = io.BytesIO()
@@ -255,17 +256,17 @@ def test_non_image_skipped_grayscale_and_tiny_images(tiny_model, tmp_path):
         assert np.isfinite(frame["psnr"]).all()
 
 
-def test_read_rgb_modes(tmp_path):
+def test_read_image_modes(tmp_path):
     gray16 = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000)
     Image.fromarray(gray16).save(tmp_path / "g16.png")
-    img = ev.read_rgb(tmp_path / "g16.png")
+    img = read_image(tmp_path / "g16.png")
     assert img.dtype == torch.uint8 and img.shape == (3, 3, 4)
     assert img[0, 2, 3].item() == round(55000 / 65535 * 255) and torch.equal(img[0], img[2])
     Image.fromarray(np.zeros((5, 6, 3), np.uint8)).convert("P").save(tmp_path / "p.png")
-    assert ev.read_rgb(tmp_path / "p.png").shape == (3, 5, 6)
+    assert read_image(tmp_path / "p.png").shape == (3, 5, 6)
     (tmp_path / "bad.png").write_bytes(b"\x89PNG garbage")
     with pytest.raises(ValueError, match="bad.png"):
-        ev.read_rgb(tmp_path / "bad.png")
+        read_image(tmp_path / "bad.png")
 
 
 # ------------------------------------------------------------------ complexity and figures

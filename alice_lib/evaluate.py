@@ -329,6 +329,16 @@ def _error_row(base: dict, exc: BaseException) -> dict:
     return {**base, "error": f"{exc.__class__.__name__}: {exc}"}
 
 
+def _write_coded(writer: _RowWriter, row: dict, label: str, code) -> None:
+    """Fill ``row`` with ``code()`` and write it; a failure becomes an error row and the run goes on."""
+    try:
+        row.update(code())
+    except Exception as exc:  # noqa: BLE001 - recorded in the row, the other rows still run
+        warnings.warn(f"{label}: {exc}", stacklevel=3)
+        row = _error_row(row, exc)
+    writer.write(row)
+
+
 def evaluate_models(
     models: Mapping[str, nn.Module],
     image_dir: str | Path,
@@ -388,15 +398,13 @@ def evaluate_models(
                 continue
             bar = tqdm(todo, desc=name, disable=not progress, leave=False)
             for path in bar:
-                row = {**base, "image": path.name, "error": ""}
-                try:
+                def code(path: Path = path) -> dict:
                     image = read_image(path)
-                    row.update(height=image.shape[1], width=image.shape[2])
-                    row.update(code_image(model, image, estimate_bpp=estimate_bpp))
-                except Exception as exc:  # noqa: BLE001
-                    warnings.warn(f"model {name}, image {path.name}: {exc}", stacklevel=2)
-                    row = _error_row(row, exc)
-                writer.write(row)
+                    return {"height": image.shape[1], "width": image.shape[2],
+                            **code_image(model, image, estimate_bpp=estimate_bpp)}
+
+                _write_coded(writer, {**base, "image": path.name, "error": ""}, f"model {name}, image {path.name}",
+                             code)
     finally:
         writer.close()
     results = _read_results(csv_path)
@@ -515,12 +523,8 @@ def evaluate_classical(
                     row = {"method": codec, "model": f"{codec}-q{int(q)}", "lmbda": math.nan,
                            "quality": int(q), "image": path.name, "height": image.shape[1],
                            "width": image.shape[2], "error": ""}
-                    try:
-                        row.update(code_classical(image, codec, q, options.get(codec)))
-                    except Exception as exc:  # noqa: BLE001
-                        warnings.warn(f"{codec} q={q}, image {path.name}: {exc}", stacklevel=2)
-                        row = _error_row(row, exc)
-                    writer.write(row)
+                    _write_coded(writer, row, f"{codec} q={q}, image {path.name}",
+                                 lambda: code_classical(image, codec, q, options.get(codec)))
     finally:
         writer.close()
     results = _read_results(csv_path)

@@ -67,13 +67,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .lora import LoRALinear, base_weights_hash, lora_modules, read_adapter_metadata, target_names
+from .lora import base_weights_hash, lora_modules, read_adapter_metadata, target_names
 from .models.stf import SymmetricalTransFormer
 
 __all__ = [

@@ -13,7 +13,6 @@ Attribute names and registration order reproduce the published state dict, which
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch

@@ -628,7 +628,7 @@ def compress_to_target(rate_control: RateControl, image: Tensor, target_bpp: flo
     3. A target outside what the covered range reaches is coded at the nearest end
        (``clamped=True``, ``clamped_to`` "low" or "high"), never extrapolated.
 
-    The bpp counted is the bitstreams' (header and CRC of the file excluded, 72 bytes).
+    The bpp counted is the bitstreams' (header and CRC of the file excluded, 68 bytes).
     """
     from .evaluate import psnr_rgb
 

@@ -35,7 +35,8 @@ from torch.utils.data import Subset
 
 from . import data as data_lib
 from .checkpoints import deterministic_weights_, load_stf, save_stf
-from .evaluate import bd_table, evaluate_classical, evaluate_models, published_points, summarize, write_bd_table
+from .evaluate import (bd_table, evaluate_classical, evaluate_models, published_points, summarize, write_bd_table,
+                       write_compressai_json)
 from .lora import (LoRAConfig, count_parameters, inject_lora, load_adapters, mark_trainable, merge_lora,
                    save_adapters)
 from .models.stf import STFConfig, SymmetricalTransFormer
@@ -320,8 +321,6 @@ def evaluate_run(profile: dict, run_dir: str | Path, progress: bool = True) -> d
                         + [anchor_rows.assign(method=m) for m in learned], ignore_index=True)
     summary = summary.sort_values(["method", "bpp"], kind="stable").reset_index(drop=True)
     summary.to_csv(eval_dir / "summary.csv", index=False)
-    from .evaluate import write_compressai_json
-
     write_compressai_json(summary, eval_dir, description=f"ALICE workbook, profile {profile['name']}, "
                                                          f"real rANS bitstreams")
     bd = bd_rate_table(summary)

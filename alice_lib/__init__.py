@@ -8,19 +8,30 @@ rate-distortion trade-off and trains small low-rank adapters per other rate.
 * :mod:`alice_lib.lora` — adapters: inject, mark trainable, merge (MALICE), adapter files
 * :mod:`alice_lib.train` — the rate-distortion training loop
 * :mod:`alice_lib.data` — image folders, Kodak download, offline fallback
-* :mod:`alice_lib.evaluate`, :mod:`alice_lib.complexity`, :mod:`alice_lib.figures` — results
+* :mod:`alice_lib.evaluation` — real-bitstream evaluation, classical codecs, BD tables, complexity
+* :mod:`alice_lib.figures` — draws the tables evaluation wrote
 * :mod:`alice_lib.pipeline` — profiles and the notebooks' steps; ``alice run`` drives them
+* :mod:`alice_lib.codec` — ``.alice`` files: format, continuous rate control, tiled coding, target search
 """
 
+import importlib
 import warnings
 
 # CompressAI 1.2.8 scripts a helper at import time; the warning is not ours to act on.
 warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", category=FutureWarning)
 
-from .checkpoints import load_stf, save_stf  # noqa: E402
-from .lora import LoRAConfig, inject_lora, mark_trainable, merge_lora, unmerge_lora  # noqa: E402
-from .models import STFConfig, SymmetricalTransFormer  # noqa: E402
-
 __version__ = "0.1.0"
+# Imported on first use (PEP 562), so that light commands (``alice info``) never import torch.
+_LAZY = {"STFConfig": "models", "SymmetricalTransFormer": "models", "load_stf": "checkpoints",
+         "save_stf": "checkpoints", "LoRAConfig": "lora", "inject_lora": "lora", "mark_trainable": "lora",
+         "merge_lora": "lora", "unmerge_lora": "lora"}
 __all__ = ["STFConfig", "SymmetricalTransFormer", "load_stf", "save_stf", "LoRAConfig", "inject_lora",
            "mark_trainable", "merge_lora", "unmerge_lora"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

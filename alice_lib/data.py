@@ -7,7 +7,8 @@ Three parts:
   training scripts do). Files that are not 8-bit RGB (grayscale, palette with or
   without transparency, RGBA, 16-bit) are converted by :func:`to_rgb`; files that
   cannot be read, or are smaller than the crop, are skipped with a warning so that
-  one odd file never stops a run. An empty folder is a clear error.
+  one odd file never stops a run. An empty folder is a clear error. Small folders
+  are kept decoded in memory; large ones (OpenImages) are decoded per item.
 * **Where the images come from.** :func:`resolve_kodak` and
   :func:`resolve_training` pick a folder and say what it is (a :class:`DataSource`).
   Kodak: an explicit folder, ``<repo>/data/kodak``, ``../shared/data/kodak`` next to
@@ -15,7 +16,10 @@ Three parts:
   SHA-256 table below (:func:`download_kodak`), or, offline, the colour photographs
   bundled with scikit-image, with a loud :class:`NotKodakWarning`. Training: an
   explicit folder, ``<repo>/data/train``, OpenImages through fiftyone when asked
-  for, ``../shared/data/bsds432``, or the same scikit-image fallback.
+  for (the optional extra ``.[openimages]``; the reference's 300,000 train and 10,000
+  test images, :func:`resolve_openimages`; missing OpenImages is a
+  :class:`MissingDataError` naming what is missing), ``../shared/data/bsds432``, or
+  the same scikit-image fallback.
   ``ALICE_OFFLINE=1`` in the environment disables every download attempt.
 * **Looking at a folder.** :func:`dataset_summary` (a table of sizes and modes)
   and :func:`thumbnail_grid` (a matplotlib figure) for the data notebook.
@@ -27,7 +31,6 @@ import hashlib
 import http.client
 import logging
 import os
-import shutil
 import tempfile
 import urllib.error
 import urllib.request
@@ -38,7 +41,7 @@ from typing import TYPE_CHECKING, Literal, Mapping
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 if TYPE_CHECKING:  # heavy imports only where they are used
@@ -99,6 +102,10 @@ FALLBACK_IMAGES: dict[str, str] = {
 
 OFFLINE_ENV = "ALICE_OFFLINE"
 
+#: :class:`ImageFolder` with ``cache=None`` keeps decoded images in memory up to this many
+#: images (BSDS, a CPU subset) and decodes per item beyond (OpenImages: 300,000 images).
+CACHE_MAX_IMAGES = 2000
+
 SourceKind = Literal["local", "shared", "download", "fallback"]
 
 
@@ -139,11 +146,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def read_image(path: str | Path) -> torch.Tensor:
-    """An image file as a ``uint8`` tensor ``[3, H, W]``; a clear error if it is not an image."""
+    """An image file as a ``uint8`` tensor ``[3, H, W]`` as it is displayed; a clear error if it is not an image.
+
+    The EXIF orientation tag is applied (``ImageOps.exif_transpose``): phones store
+    portrait photos sideways with a tag, and every viewer shows them upright, so the
+    codec, the evaluation and the training data must see them upright too. This is
+    the one image reader of the package. Pillow's decompression-bomb limit
+    (``Image.MAX_IMAGE_PIXELS``) holds.
+    """
     try:
         with Image.open(path) as image:
-            rgb = to_rgb(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            rgb = to_rgb(ImageOps.exif_transpose(image))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"{path} is not a readable image: {error}") from error
     return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
@@ -175,18 +189,26 @@ def _warn_skipped(folder: str | Path, skipped: list[str]) -> None:
 class ImageFolder(Dataset):
     """Crops of the images of a folder as float tensors ``[3, crop, crop]`` in [0, 1].
 
-    ``train=True`` takes a random crop (and a random horizontal flip) each time,
-    ``train=False`` the centre crop. Images smaller than the crop and files that are
-    not readable images are skipped with a warning; a file whose header reads but
-    whose pixels do not decode is dropped with a warning when first loaded and
-    another image is used in its place. ``cache=True`` keeps decoded images in
-    memory (fast epochs on CPU). ``folder`` may be a :class:`DataSource`.
+    ``train=True`` takes a random crop (and, with ``flip=True``, a random horizontal
+    flip; the ALICE reference uses the random crop only) each time, ``train=False``
+    the centre crop. The randomness comes from torch's global generator, so a caller
+    that seeds it per item (as :func:`alice_lib.train.train` does) gets reproducible
+    crops whatever the number of DataLoader workers. Images smaller than the crop and
+    files that are not readable images are skipped with a warning; a file whose
+    header reads but whose pixels do not decode is dropped with a warning when first
+    loaded and another image is used in its place.
+
+    ``cache``: ``True`` keeps every decoded image in memory (fast epochs on a CPU),
+    ``False`` decodes each item from disk (streaming: memory stays flat at 300,000
+    images), ``None`` (the default) caches folders of at most
+    :data:`CACHE_MAX_IMAGES` usable images and streams larger ones. With DataLoader
+    workers each worker holds its own cache. ``folder`` may be a :class:`DataSource`.
     """
 
     def __init__(self, folder: str | os.PathLike, crop: int, train: bool = True, max_images: int | None = None,
-                 cache: bool = True):
+                 cache: bool | None = None, flip: bool = True):
         folder = Path(folder)
-        self.crop, self.train, self.cache = crop, train, cache
+        self.crop, self.train, self.flip = crop, train, flip
         self.files: list[Path] = []
         skipped: list[str] = []
         for path in list_images(folder):
@@ -205,6 +227,7 @@ class ImageFolder(Dataset):
         _warn_skipped(folder, skipped)
         if not self.files:
             raise ValueError(f"no usable image of at least {crop}x{crop} px in {folder}")
+        self.cache = len(self.files) <= CACHE_MAX_IMAGES if cache is None else bool(cache)
         self._images: dict[int, torch.Tensor] = {}
         self._broken: set[int] = set()
 
@@ -243,7 +266,7 @@ class ImageFolder(Dataset):
         else:
             top, left = (h - c) // 2, (w - c) // 2
         patch = image[:, top:top + c, left:left + c]
-        if self.train and torch.rand(()) < 0.5:
+        if self.train and self.flip and torch.rand(()) < 0.5:
             patch = patch.flip(-1)
         return patch.float().div_(255)
 
@@ -500,45 +523,120 @@ def resolve_kodak(preferred: str | Path | None = None, *, allow_download: bool =
                      reasons)
 
 
-def download_openimages(dest: str | Path, n_images: int, *, split: str = "train", seed: int = 0) -> Path:
-    """Copy ``n_images`` random OpenImages V6 images (no labels) into ``dest`` via fiftyone, as the paper does.
+#: The reference's OpenImages V6 subset (the STF / ALICE downloader): the first 300,000 train
+#: and 10,000 test images that carry classification labels, loaded through fiftyone.
+OPENIMAGES_TRAIN_IMAGES = 300_000
+OPENIMAGES_TEST_IMAGES = 10_000
+#: How to get fiftyone: the optional extra of this package (it is not a core dependency).
+OPENIMAGES_INSTALL = "pip install -e '.[openimages]'"
 
-    Needs ``pip install fiftyone`` and network access. Images already in ``dest``
-    count towards ``n_images``. Untested offline: the test suite only checks the
-    clear ``ImportError`` raised when fiftyone is missing.
+
+class MissingDataError(FileNotFoundError):
+    """Requested data is absent and cannot be fetched; the message names what is missing and how to get it."""
+
+
+def openimages_dir(split: str = "train", data_root: str | Path | None = None) -> Path:
+    """Where fiftyone puts the images of an OpenImages split: ``<data_root>/openimages/<split>/data``."""
+    return Path(DATA_ROOT if data_root is None else data_root) / "openimages" / split / "data"
+
+
+def count_images(folder: str | Path) -> int:
+    """Number of image files in ``folder`` (0 when it is absent or holds none), without opening them."""
+    try:
+        return len(list_images(folder))
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def download_openimages(dest: str | Path, n_images: int = OPENIMAGES_TRAIN_IMAGES, *, split: str = "train",
+                        label_types: tuple[str, ...] = ("classifications",), shuffle: bool = False,
+                        seed: int | None = None) -> Path:
+    """Download ``n_images`` of OpenImages V6 ``split`` through fiftyone into ``dest``; return the image folder.
+
+    The reference's call: ``load_zoo_dataset("open-images-v6", split, max_samples=n,
+    label_types=["classifications"])``, unshuffled, i.e. the first ``n`` images with
+    class labels (300,000 train, 10,000 test: :data:`OPENIMAGES_TRAIN_IMAGES`,
+    :data:`OPENIMAGES_TEST_IMAGES`). Images stay where fiftyone writes them,
+    ``dest/<split>/data`` (no copy: 300,000 images are ~90 GB); fiftyone resumes a
+    partial download. A folder that already holds ``n_images`` returns at once.
+    Raises ``ImportError`` naming :data:`OPENIMAGES_INSTALL` when fiftyone is missing.
     """
+    folder = Path(dest) / split / "data"
+    if count_images(folder) >= n_images:
+        return folder
     try:
         import fiftyone.zoo as foz
     except ImportError as error:
-        raise ImportError("OpenImages needs fiftyone (pip install fiftyone); or point the workbook at a "
-                          "local folder of training photographs instead") from error
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    present = len([p for p in dest.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES])
-    if present >= n_images:
-        return dest
-    dataset = foz.load_zoo_dataset("open-images-v6", split=split, max_samples=n_images, label_types=[],
-                                   shuffle=True, seed=seed, dataset_dir=str(dest / ".fiftyone"))
-    for filepath in dataset.values("filepath"):
-        target = dest / Path(filepath).name
-        if not target.exists():
-            shutil.copyfile(filepath, target)
-    return dest
+        raise ImportError(f"OpenImages needs fiftyone, which is not installed: {OPENIMAGES_INSTALL} "
+                          "(or pip install fiftyone); or point the workbook at a local folder of training "
+                          "photographs instead") from error
+    Path(dest).mkdir(parents=True, exist_ok=True)
+    dataset = foz.load_zoo_dataset("open-images-v6", split=split, max_samples=n_images,
+                                   label_types=list(label_types), shuffle=shuffle, seed=seed,
+                                   dataset_dir=str(dest), dataset_name=f"alice-openimages-{split}-{n_images}")
+    paths = dataset.values("filepath")
+    return Path(paths[0]).parent if paths else folder
+
+
+def resolve_openimages(split: str = "train", n_images: int | None = None, *, allow_download: bool = True,
+                       data_root: str | Path | None = None) -> DataSource:
+    """The OpenImages ``split`` under ``<data_root>/openimages``, downloaded through fiftyone when short.
+
+    ``n_images`` defaults to the reference's count for the split. A folder with at
+    least ``n_images`` is used as is; otherwise a download is tried. When the images
+    cannot be had, :class:`MissingDataError` says what is missing: the folder (and
+    how many images it holds), fiftyone (:data:`OPENIMAGES_INSTALL`), the network or
+    the permission to download. A partial folder after a failed download is used
+    with a warning that names both counts.
+    """
+    n_images = n_images or (OPENIMAGES_TRAIN_IMAGES if split == "train" else OPENIMAGES_TEST_IMAGES)
+    root = Path(DATA_ROOT if data_root is None else data_root) / "openimages"
+    folder = openimages_dir(split, data_root)
+    found = count_images(folder)
+    note = f"{{}} OpenImages V6 {split} images (requested {n_images:,})"
+    if found >= n_images:
+        return DataSource(folder, "local", False, note.format(f"{found:,}"))
+    reasons = [f"{folder} holds {found:,} of the {n_images:,} images requested" if found else f"{folder} is absent"]
+    if not allow_download or offline():
+        reasons.append(f"downloads are disabled ({OFFLINE_ENV} set or allow_download=False)")
+    else:
+        try:
+            path = download_openimages(root, n_images, split=split)
+            return DataSource(path, "download", False, note.format(f"{count_images(path):,}"))
+        except ImportError:
+            reasons.append(f"fiftyone is not installed ({OPENIMAGES_INSTALL})")
+        except Exception as error:  # noqa: BLE001 - network, fiftyone internals
+            reasons.append(f"the fiftyone download failed: {error}")
+    if found:
+        warnings.warn(f"using {found:,} OpenImages {split} images instead of {n_images:,}: "
+                      + "; ".join(reasons), stacklevel=2)
+        return DataSource(folder, "local", False, note.format(f"{found:,}"))
+    raise MissingDataError(f"OpenImages {split} images are missing: " + "; ".join(reasons)
+                           + f". Install fiftyone ({OPENIMAGES_INSTALL}) and allow the download, put the "
+                           f"images in {folder}, or pass a folder of training photographs.")
 
 
 def resolve_training(preferred: str | Path | None = None, *, source: Literal["auto", "openimages"] = "auto",
-                     n_images: int = 1000, allow_download: bool = True, data_root: str | Path | None = None,
-                     shared_root: str | Path | None = None, fallback_dir: str | Path | None = None) -> DataSource:
+                     n_images: int = OPENIMAGES_TRAIN_IMAGES, allow_download: bool = True,
+                     data_root: str | Path | None = None, shared_root: str | Path | None = None,
+                     fallback_dir: str | Path | None = None, fallback: bool | None = None) -> DataSource:
     """Find training photographs.
 
     In order: ``preferred`` if given (``FileNotFoundError`` if it does not exist);
-    ``<data_root>/train`` if it holds images; with ``source="openimages"``, a
-    download of ``n_images`` OpenImages into ``<data_root>/train`` via fiftyone
-    (skipped with a warning when fiftyone is missing, downloads are not allowed or
-    ``ALICE_OFFLINE`` is set); ``<shared_root>/data/bsds432`` read in place;
+    ``<data_root>/train`` if it holds images; with ``source="openimages"``, the
+    OpenImages train split of ``n_images`` (the reference's 300,000) through
+    :func:`resolve_openimages`; ``<shared_root>/data/bsds432`` read in place;
     otherwise the scikit-image photographs with a loud :class:`FallbackDataWarning`
     (the same images the Kodak fallback uses: train and test then overlap).
+
+    ``fallback``: whether a missing OpenImages may fall back to BSDS / scikit-image
+    (with a warning). Default: not for ``source="openimages"`` (a paper run must not
+    train on other data unnoticed: :class:`MissingDataError` names what is missing),
+    always for ``source="auto"``.
     """
+    if source not in ("auto", "openimages"):
+        raise ValueError(f"unknown training source {source!r} (expected 'auto' or 'openimages')")
+    fallback = source == "auto" if fallback is None else fallback
     data_root = Path(DATA_ROOT if data_root is None else data_root)
     shared_root = Path(SHARED_ROOT if shared_root is None else shared_root)
     if preferred is not None and str(preferred) != "":
@@ -555,22 +653,13 @@ def resolve_training(preferred: str | Path | None = None, *, source: Literal["au
     reasons.append(f"{local} empty or absent")
 
     if source == "openimages":
-        if not allow_download or offline():
-            reasons.append("OpenImages download disabled")
-            warnings.warn(f"OpenImages requested but downloads are disabled ({OFFLINE_ENV} or allow_download)",
-                          stacklevel=2)
-        else:
-            try:
-                path = download_openimages(local, n_images)
-                return DataSource(path, "download", False, f"{len(list_images(path))} OpenImages V6 images")
-            except ImportError as error:
-                warnings.warn(str(error), stacklevel=2)
-                reasons.append("fiftyone not installed")
-            except Exception as error:  # noqa: BLE001 - network, fiftyone internals
-                warnings.warn(f"OpenImages download failed: {error}", stacklevel=2)
-                reasons.append(f"OpenImages download failed: {error}")
-    elif source != "auto":
-        raise ValueError(f"unknown training source {source!r} (expected 'auto' or 'openimages')")
+        try:
+            return resolve_openimages("train", n_images, allow_download=allow_download, data_root=data_root)
+        except MissingDataError as error:
+            if not fallback:
+                raise
+            warnings.warn(str(error), stacklevel=2)
+            reasons.append("OpenImages missing")
 
     shared = shared_root / "data" / "bsds432"
     if _has_images(shared):

@@ -7,12 +7,17 @@ are for a single column of a two-column paper (3.5 in wide, 8 pt text).
 
 Inputs:
 
-* RD curves: a summary table (:func:`alice_lib.evaluate.summarize`, one row per rate point
-  with ``method``, ``bpp``, ``psnr``, ``ms_ssim_db``), optionally concatenated with
-  :func:`alice_lib.evaluate.published_points`.
+* RD curves: a summary table as ``04_evaluate`` wrote it (``summary.csv``, read with
+  :func:`alice_lib.evaluation.read_tables`; one row per rate point with ``method``, ``bpp``,
+  ``psnr``, ``ms_ssim_db``). The curves are :func:`alice_lib.evaluation.rd_curves`, the same
+  the BD table is computed from: each method's own models, the anchor drawn as its own
+  marker (and joined to the learned curves only with ``curves_include_anchor``).
 * Parameter bars: a list of dicts ``{"method", "trainable", "stored_per_rate",
   "stored_all_rates"}`` (or a mapping method -> the three numbers).
-* Complexity table: the DataFrame of :func:`alice_lib.complexity.measure_complexity`.
+* Complexity table: the DataFrame of :func:`alice_lib.evaluation.measure_complexity`.
+
+This module depends on :mod:`alice_lib.evaluation` and never the reverse: it draws what
+evaluation measured and computes no metric of its own.
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-__all__ = ["METHOD_STYLES", "PAPER_RC", "plot_rd", "plot_rd_curves", "plot_parameter_bars", "plot_training_curve",
-           "plot_complexity_table", "make_figures", "save_figure"]
+from .evaluation import ANCHOR_METHOD, anchor_points, published_points, rd_curves
+
+__all__ = ["METHOD_STYLES", "ANCHOR_STYLE", "PAPER_RC", "plot_rd", "plot_rd_curves", "plot_parameter_bars",
+           "plot_training_curve", "plot_complexity_table", "save_figure"]
 
 #: label, colour, marker, line style per method (Okabe-Ito colours, colour-blind safe).
 METHOD_STYLES: dict[str, dict] = {
@@ -35,11 +42,16 @@ METHOD_STYLES: dict[str, dict] = {
     "alice": {"label": "ALICE", "color": "#D55E00", "marker": "s", "linestyle": "-"},
     "malice": {"label": "MALICE", "color": "#0072B2", "marker": "D", "linestyle": "-"},
     "vanilla": {"label": "Vanilla fine-tuning", "color": "#009E73", "marker": "^", "linestyle": "-"},
+    "full-finetune": {"label": "Every weight fine-tuned from the anchor", "color": "#555555", "marker": "o",
+                      "linestyle": "-."},
     "stf-published": {"label": "STF (published)", "color": "#7F7F7F", "marker": "x", "linestyle": ":"},
     "avif": {"label": "AVIF 4:4:4", "color": "#CC79A7", "marker": "v", "linestyle": "--"},
     "webp": {"label": "WebP (4:2:0)", "color": "#E69F00", "marker": "<", "linestyle": "--"},
     "jpeg": {"label": "JPEG 4:4:4", "color": "#56B4E9", "marker": ">", "linestyle": "--"},
 }
+#: The anchor (the frozen base, lambda 0.0483): one point, drawn as its own marker.
+ANCHOR_STYLE = {"label": "Anchor (frozen base)", "color": "#000000", "marker": "*", "markersize": 8,
+                "linestyle": "none", "zorder": 5}
 _CLASSICAL = {"jpeg", "webp", "avif"}
 _FALLBACK_COLORS = ["#F0E442", "#8C564B", "#17BECF", "#BCBD22", "#9467BD"]
 
@@ -77,6 +89,34 @@ def _method_order(methods: Sequence[str]) -> list[str]:
     return known + [m for m in methods if m not in METHOD_STYLES]
 
 
+def _rd_points(summary: pd.DataFrame, metric: str, published: bool) -> pd.DataFrame:
+    """The drawable rate points: finite metric, positive rate, published STF points added or removed."""
+    df = summary.copy()
+    if published and metric == "psnr" and "stf-published" not in set(df["method"]):
+        df = pd.concat([df, published_points("mse")], ignore_index=True)
+    if not published:
+        df = df[~df["method"].astype(str).str.startswith("stf-published")]
+    return df[np.isfinite(pd.to_numeric(df[metric], errors="coerce")) & (pd.to_numeric(df["bpp"]) > 0)]
+
+
+def _rd_limits(df: pd.DataFrame, metric: str) -> tuple[tuple[float, float], tuple[float, float] | None]:
+    """x from 0 to 1.1 x the learned methods' top rate (classical sweeps run further); y over the points inside."""
+    learned = df[~df["method"].isin(_CLASSICAL)]
+    xlim = (0.0, float((learned if len(learned) else df)["bpp"].max()) * 1.1)
+    inside = df[(df["bpp"] >= xlim[0]) & (df["bpp"] <= xlim[1])][metric]
+    if not len(inside):
+        return xlim, None
+    lo, hi = float(inside.min()), float(inside.max())
+    pad = max(0.5, 0.05 * (hi - lo))
+    return xlim, (lo - pad, hi + pad)
+
+
+def _anchor_label(anchor: pd.DataFrame) -> str:
+    """The anchor's legend entry, with its lambda when the summary has it."""
+    lmbda = pd.to_numeric(anchor.get("lmbda", pd.Series(dtype=float)), errors="coerce").dropna()
+    return ANCHOR_STYLE["label"] + (f", \u03bb = {lmbda.iloc[0]:g}" if len(lmbda) else "")
+
+
 def plot_rd(
     summary: pd.DataFrame,
     out_dir: str | Path,
@@ -84,58 +124,44 @@ def plot_rd(
     *,
     methods: Sequence[str] | None = None,
     published: bool = True,
+    curves_include_anchor: bool = False,
     stem: str | None = None,
     title: str | None = None,
     xlim: tuple[float, float] | None = None,
     size: tuple[float, float] = (5.0, 2.7),
 ) -> tuple[Figure, list[Path]]:
-    """RD curve of ``metric`` (``psnr`` or ``ms_ssim_db``) against bpp for each method.
+    """RD curve of ``metric`` (``psnr`` or ``ms_ssim_db``) against bpp for each method, the anchor as a star.
 
-    One line per method through its rate points sorted by bpp. With ``published`` (and
-    ``metric == "psnr"``) the STF paper's Kodak points are added when the table does not
-    already hold them. The x range defaults to the learned methods' bpp range (classical
-    sweeps run further) and the y range to the points inside it.
+    Curves come from :func:`alice_lib.evaluation.rd_curves` (the BD table's curves). With
+    ``published`` (PSNR only) the STF paper's Kodak points are added.
     """
     if metric not in _METRIC_LABELS:
         raise ValueError(f"metric must be one of {sorted(_METRIC_LABELS)}")
-    df = summary.copy()
-    if published and metric == "psnr" and "stf-published" not in set(df["method"]):
-        from .evaluate import published_points
-
-        df = pd.concat([df, published_points("mse")], ignore_index=True)
-    if not published:
-        df = df[~df["method"].astype(str).str.startswith("stf-published")]
-    df = df[np.isfinite(pd.to_numeric(df[metric], errors="coerce")) & (pd.to_numeric(df["bpp"]) > 0)]
-    present = list(dict.fromkeys(df["method"]))
-    order = _method_order([m for m in present if methods is None or m in methods])
-    if xlim is None and len(df):
-        learned = df[~df["method"].isin(_CLASSICAL)]
-        top = (learned if len(learned) else df)["bpp"].max()
-        xlim = (0.0, float(top) * 1.1)
+    df = _rd_points(summary, metric, published)
+    curves = rd_curves(df, curves_include_anchor=curves_include_anchor)
+    order = _method_order([m for m in curves if methods is None or m in methods])
+    anchor = anchor_points(df)
+    auto_xlim, ylim = _rd_limits(df, metric) if len(df) else (None, None)
+    xlim = xlim or auto_xlim
     with matplotlib.rc_context(PAPER_RC):
         fig = Figure(figsize=size)
         ax = fig.add_subplot()
-        visible = []
         for i, method in enumerate(order):
-            pts = df[df["method"] == method].sort_values("bpp")
             st = _style(method, i)
-            ax.plot(pts["bpp"], pts[metric], label=st["label"], color=st["color"], marker=st["marker"],
-                    linestyle=st["linestyle"])
-            if xlim is not None:
-                visible.append(pts[(pts["bpp"] >= xlim[0]) & (pts["bpp"] <= xlim[1])][metric])
+            ax.plot(curves[method]["bpp"], curves[method][metric], label=st["label"], color=st["color"],
+                    marker=st["marker"], linestyle=st["linestyle"])
+        if len(anchor):
+            ax.plot(anchor["bpp"], anchor[metric], **{**ANCHOR_STYLE, "label": _anchor_label(anchor)})
         ax.set_xlabel("Rate (bpp)")
         ax.set_ylabel(_METRIC_LABELS[metric])
         if xlim is not None:
             ax.set_xlim(*xlim)
-            vis = pd.concat(visible) if visible else pd.Series(dtype=float)
-            if len(vis):
-                lo, hi = float(vis.min()), float(vis.max())
-                pad = max(0.5, 0.05 * (hi - lo))
-                ax.set_ylim(lo - pad, hi + pad)
+        if ylim is not None:
+            ax.set_ylim(*ylim)
         ax.grid(True, alpha=0.4)
         if title:
             ax.set_title(title)
-        if order:
+        if order or len(anchor):
             # Beside the axes, never over the curves (learned curves can sit anywhere).
             ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, borderaxespad=0.0)
         fig.tight_layout()
@@ -148,8 +174,8 @@ def plot_rd_curves(summary: pd.DataFrame, out_dir: str | Path, **kwargs) -> dict
     return {metric: plot_rd(summary, out_dir, metric, **kwargs) for metric in ("psnr", "ms_ssim_db")}
 
 
-_SHORT_LABELS = {"fixed-rate": "Fixed-rate STF", "alice": "ALICE", "malice": "MALICE", "vanilla": "Vanilla FT",
-                 "stf-published": "STF (published)", "jpeg": "JPEG", "webp": "WebP", "avif": "AVIF"}
+_SHORT_LABELS = {ANCHOR_METHOD: "Anchor", "fixed-rate": "Fixed-rate STF", "alice": "ALICE", "malice": "MALICE",
+                 "vanilla": "Vanilla FT", "stf-published": "STF (published)", "jpeg": "JPEG", "webp": "WebP", "avif": "AVIF"}
 
 _PARAM_KEYS = (("trainable", "Trainable"), ("stored_per_rate", "Stored per rate"),
                ("stored_all_rates", "Stored for all rates"))
@@ -232,7 +258,7 @@ def plot_complexity_table(
     """The complexity table (model, part, parameters, GMACs, median time, peak memory) as a figure.
 
     GMACs = FlopCounterMode FLOPs / 2; "Mem." is ``peak_mem_mib`` (see
-    :mod:`alice_lib.complexity` for what it measures on CPU and GPU).
+    :mod:`alice_lib.evaluation.complexity` for what it measures on CPU and GPU).
     """
     df = complexity.copy()
     device = ", ".join(sorted(set(df["device"].astype(str)))) if "device" in df else ""
@@ -261,26 +287,6 @@ def plot_complexity_table(
                          if "repeats" in df else device, fontsize=6.5)
         paths = save_figure(fig, out_dir, stem)
     return fig, paths
-
-
-def make_figures(
-    out_dir: str | Path,
-    *,
-    summary: pd.DataFrame | None = None,
-    parameters=None,
-    complexity: pd.DataFrame | None = None,
-    published: bool = True,
-) -> list[Path]:
-    """Every figure whose input is given; returns all the paths written."""
-    paths: list[Path] = []
-    if summary is not None:
-        for _fig, p in plot_rd_curves(summary, out_dir, published=published).values():
-            paths += p
-    if parameters is not None:
-        paths += plot_parameter_bars(parameters, out_dir)[1]
-    if complexity is not None:
-        paths += plot_complexity_table(complexity, out_dir)[1]
-    return paths
 
 
 def plot_training_curve(metrics: pd.DataFrame, *, title: str = "", out_dir: str | Path | None = None,

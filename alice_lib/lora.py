@@ -43,7 +43,8 @@ __all__ = [
     "trainable_names", "mark_trainable",
     "merge_lora", "unmerge_lora", "strip_lora", "merged_state_dict", "base_state_dict",
     "lora_state_dict", "load_lora_state_dict", "base_weights_hash",
-    "save_adapters", "load_adapters", "read_adapter_metadata",
+    "save_adapters", "load_adapters", "read_adapter_metadata", "read_adapter_factors", "lora_delta",
+    "remove_lora",
     "count_parameters", "parameter_table", "file_sizes",
 ]
 
@@ -144,7 +145,12 @@ class LoRAAdapter(nn.Module):
 
     def delta_weight(self) -> Tensor:
         """The update in ``nn.Linear`` layout ``[out, in]``."""
-        return self.alpha * (self.W_a @ self.W_b).T
+        return lora_delta(self.W_a, self.W_b, self.alpha)
+
+
+def lora_delta(w_a: Tensor, w_b: Tensor, alpha: float) -> Tensor:
+    """``alpha * (W_a @ W_b)^T``: an adapter's merged update in ``nn.Linear`` layout (MALICE)."""
+    return alpha * (w_a @ w_b).T
 
     def extra_repr(self) -> str:
         return f"in={self.W_a.shape[0]}, out={self.W_b.shape[1]}, r={self.r}, alpha={self.alpha}"
@@ -360,6 +366,14 @@ def strip_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Drop every adapter (unmerged first), in place: the frozen base model as an ordinary STF."""
+    for name, module in lora_modules(model).items():
+        module.unmerge()
+        _set_submodule(model, name, module.linear)
+    return model
+
+
 def _plain_state_dict(model: nn.Module, weight_of: Callable[[LoRALinear], Tensor]) -> dict[str, Tensor]:
     """The state dict with adapted layers renamed to plain ``nn.Linear`` keys, in order."""
     adapted = lora_modules(model)
@@ -500,6 +514,37 @@ def read_adapter_metadata(path: str | os.PathLike) -> dict[str, Any]:
         "format_version": version,
         "extra": json.loads(raw.get("extra", "{}")),
     }
+
+
+def read_adapter_factors(path: str | os.PathLike, model: nn.Module
+                         ) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
+    """An adapter file checked against a plain ``model`` without changing it.
+
+    Returns ``(metadata, tensors as stored, {layer: (W_a, W_b)} in float32 on the
+    model's device)``. Refuses a file trained on other base weights, one whose tensors
+    are not exactly those its config targets in ``model``, and shapes that do not fit.
+    """
+    meta = read_adapter_metadata(path)
+    model_hash = base_weights_hash(model)
+    if model_hash != meta["base_hash"]:
+        raise ValueError(f"{path}: adapters trained on base weights {meta['base_hash']}, but the model's "
+                         f"base weights hash to {model_hash}; load the matching base model")
+    config: LoRAConfig = meta["config"]
+    tensors = load_file(str(path))
+    names = target_names(model, config)
+    expected = {f"{n}.lora.{p}" for n in names for p in ("W_a", "W_b")}
+    if set(tensors) != expected:
+        raise ValueError(f"{path}: adapter tensors do not match the layers its config targets "
+                         f"({len(tensors)} tensors, {len(expected)} expected)")
+    factors = {}
+    for name in names:
+        w_a, w_b = tensors[f"{name}.lora.W_a"].float(), tensors[f"{name}.lora.W_b"].float()
+        weight = model.get_submodule(name).weight
+        if w_a.shape != (weight.shape[1], config.r) or w_b.shape != (config.r, weight.shape[0]):
+            raise ValueError(f"{path}: {name} adapter shapes {tuple(w_a.shape)}, {tuple(w_b.shape)} do not "
+                             f"fit the layer {tuple(weight.shape)} at rank {config.r}")
+        factors[name] = (w_a.to(weight.device), w_b.to(weight.device))
+    return meta, tensors, factors
 
 
 def load_adapters(path: str | os.PathLike, model: nn.Module) -> dict[str, Any]:

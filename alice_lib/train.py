@@ -5,39 +5,54 @@ What trains is decided before the loop, by ``requires_grad`` (see
 requires a gradient. The bottleneck quantiles (CompressAI's auxiliary loss) get
 their own optimizer when they are trainable, as in CompressAI's example script.
 
-A run folder holds ``last.pt`` (written at the end of every epoch, atomically),
-``best.pt`` (lowest validation loss; without validation data, the final state)
-and ``metrics.csv`` (one row per epoch). Calling :func:`train` again on the same
-folder resumes where ``last.pt`` left off: step, epoch, optimizers, scheduler and
-random state, so that an interrupted and resumed run ends with the same weights,
-bit for bit, as an uninterrupted one (same hardware, same thread count).
+:func:`train` is four named steps, each on one screen: :func:`_setup` (optimizers,
+schedule, data order), :func:`_resume` (``last.pt``), :func:`_train_step` (one
+optimisation step) and :func:`_end_epoch` (metrics row, validation, schedule,
+checkpoints).
 
-More than one process: launched by ``torchrun`` (see :func:`main`, ``python -m
-alice_lib.train --help``), :func:`train` wraps the model in
-``DistributedDataParallel`` when ``torch.distributed`` is initialised, shards the
-training set with a ``DistributedSampler`` (``batch_size`` is per process), and
-only rank 0 writes checkpoints and the CSV and shows the progress bar. Every rank
-draws its own noise and crops (seed + rank) and the checkpoint keeps every rank's
-random state, so a distributed run resumes bit-exactly too (with as many processes).
-Every rank validates on the whole validation set (identical results, so the
-plateau schedule and the choice of ``best.pt`` agree); the CSV's training columns
-are averaged over the ranks. The folder must be shared by all ranks (one node).
+**Data order.** ``batch_size`` is the *global* batch. Step ``i`` of epoch ``e``
+takes positions ``i*B .. (i+1)*B`` of the epoch's sequence of images (passes over
+the data, each a permutation fixed by the seed, the epoch and the pass; see
+:class:`GlobalBatchSampler`); under ``torchrun`` with W processes rank ``r``
+takes slice ``r`` of that global batch (``B / W`` images), so W processes see
+exactly the batches one process sees. Each image's random crop is drawn from a
+generator seeded by (seed, epoch, position): crops do not depend on the number of
+DataLoader workers or processes, and a run resumes mid-epoch at the right batch.
+
+**Files.** A run folder holds ``last.pt`` (written at the end of every epoch and,
+with ``checkpoint_every``, every N steps within an epoch; atomically), ``best.pt``
+(lowest validation loss; without validation data, the final state) and
+``metrics.csv`` (one row per epoch). Calling :func:`train` again on the same
+folder resumes where ``last.pt`` left off: step, epoch, position in the epoch,
+optimizers, scheduler and random state, so that an interrupted and resumed run
+ends with the same weights, bit for bit, as an uninterrupted one (same hardware,
+same thread count, same number of processes).
+
+**More than one process.** :func:`train` wraps the model in
+``DistributedDataParallel`` when ``torch.distributed`` is initialised; only rank 0
+writes checkpoints and the CSV and shows the progress bar. The quantisation noise
+is drawn per rank (seed + rank; rank 0's stream is that of a one-process run) and
+the checkpoint keeps every rank's random state. A 2-process run therefore equals a
+1-process run with the same global batch up to that noise (and floating-point
+summation order); ``tests/test_train.py`` checks it with the noise made a function
+of the latent values. Every rank validates on the whole validation set; the CSV's
+training columns are averaged over the ranks. The folder must be shared by all
+ranks (one node).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
-import hashlib
 import math
 import os
 import random
-import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -48,19 +63,41 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .utils import atomic_copy, atomic_save, atomic_write, bpp_from_likelihoods, model_device, psnr_from_mse
+from .utils import state_dict_hash  # noqa: F401 - the CLI's --hash-file; kept importable from here
+
 # Unchanged since the first version: later versions only add optional keys
-# (rng_cuda, rng_per_rank, world_size), and read checkpoints that lack them.
+# (rng_cuda, rng_per_rank, world_size, in_epoch), and read checkpoints that lack them.
 CHECKPOINT_FORMAT = "alice-train-v1"
 _CHECKPOINT_KEYS = frozenset({"format", "model", "optimizer", "aux_optimizer", "scheduler", "rng", "rng_cuda",
-                              "rng_per_rank", "world_size", "train_config", "step", "epoch", "best_loss"})
+                              "rng_per_rank", "world_size", "train_config", "step", "epoch", "best_loss",
+                              "in_epoch"})
+# Settings that change how a run is executed, not its numbers: a resume with other values is silent.
+_RESULT_NEUTRAL = frozenset({"num_workers", "checkpoint_every", "ddp_find_unused_parameters"})
 
 
 @dataclass
 class TrainConfig:
     """Hyper-parameters of one training run (the profiles in ``alice_lib/profiles`` set them).
 
-    ``batch_size`` is per process: under ``torchrun`` with W processes one step sees
-    ``W * batch_size`` images.
+    ``batch_size`` is the global batch: under ``torchrun`` with W processes each
+    process takes ``batch_size // W`` images of every batch (W must divide it), so a
+    step sees ``batch_size`` images whatever W is.
+
+    ``schedule_unit`` (cosine only): ``"step"`` anneals over ``steps`` and steps the
+    schedule after every optimisation step; ``"epoch"`` anneals over the number of
+    epochs, ``ceil(steps / steps_per_epoch)``, and steps it once per epoch (the ALICE
+    reference's way). An epoch is ``steps_per_epoch`` steps (``None``: one pass over
+    the training set); validation, the CSV row and ``best.pt`` come once per epoch.
+
+    ``checkpoint_every``: also write ``last.pt`` every N steps within an epoch (an
+    epoch of 300,000 images is 18,750 steps); a resume continues the same epoch at
+    the next batch, bit-exactly. ``precision``: ``"bf16"`` runs the model's forward
+    pass under bfloat16 autocast (CUDA or CPU; the loss is computed in float32).
+    ``tf32``: allow TF32 matmuls and convolutions on CUDA during the run (``False``
+    turns cuDNN's default TF32 off too: plain float32). ``num_workers``: DataLoader
+    worker processes; ``None`` picks 0 on the CPU and up to 8 per process on a GPU
+    (memory is then pinned); the crops do not depend on it.
     """
 
     lmbda: float
@@ -70,11 +107,15 @@ class TrainConfig:
     aux_lr: float = 1e-3
     optimizer: str = "adam"  # "adam" | "sgd"
     schedule: str = "cosine"  # "cosine" | "plateau" | "constant"
+    schedule_unit: str = "step"  # "step" | "epoch" (cosine: T_max in steps or in epochs)
     clip_max_norm: float = 1.0  # 0: no clipping
     metric: str = "mse"  # "mse" | "ms-ssim"
     seed: int = 0
-    num_workers: int = 0
+    num_workers: int | None = None  # None: 0 on CPU, up to 8 per process on CUDA
     steps_per_epoch: int | None = None  # None: one pass over the training set
+    checkpoint_every: int | None = None  # also write last.pt every N steps within an epoch
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast of the forward pass)
+    tf32: bool = False  # TF32 matmul / cuDNN on CUDA
     momentum: float = 0.9  # SGD only
     weight_decay: float = 0.0
     plateau_factor: float = 0.5  # "plateau": lr *= factor after `patience` epochs without improvement
@@ -82,12 +123,11 @@ class TrainConfig:
     ddp_find_unused_parameters: bool = False
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; expected 'adam' or 'sgd'")
-        if self.schedule not in ("cosine", "plateau", "constant"):
-            raise ValueError(f"unknown schedule {self.schedule!r}; expected 'cosine', 'plateau' or 'constant'")
-        if self.metric not in ("mse", "ms-ssim"):
-            raise ValueError(f"unknown metric {self.metric!r}; expected 'mse' or 'ms-ssim'")
+        choices = {"optimizer": ("adam", "sgd"), "schedule": ("cosine", "plateau", "constant"),
+                   "schedule_unit": ("step", "epoch"), "metric": ("mse", "ms-ssim"), "precision": ("fp32", "bf16")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {allowed}")
         if self.steps <= 0:
             raise ValueError("steps must be positive")
         if self.batch_size <= 0:
@@ -98,10 +138,24 @@ class TrainConfig:
             raise ValueError("lmbda must not be negative")
         if self.clip_max_norm < 0:
             raise ValueError("clip_max_norm must be >= 0 (0 disables clipping)")
-        if self.steps_per_epoch is not None and self.steps_per_epoch <= 0:
-            raise ValueError("steps_per_epoch must be positive (or None for one pass over the data)")
+        for name in ("steps_per_epoch", "checkpoint_every"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive (or None)")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError("num_workers must be >= 0 (or None for automatic)")
         if not 0 < self.plateau_factor < 1:
             raise ValueError("plateau_factor must be in (0, 1)")
+
+    def per_process_batch(self, world: int) -> int:
+        """Images per process and step under ``world`` processes; a clear error if ``world`` does not divide."""
+        if self.batch_size % world:
+            raise ValueError(f"batch_size {self.batch_size} is the global batch and must be divisible by the "
+                             f"number of processes ({world})")
+        return self.batch_size // world
+
+    def epochs(self, steps_per_epoch: int) -> int:
+        """Number of epochs of a run of ``steps`` steps, the last one possibly short."""
+        return -(-self.steps // steps_per_epoch)
 
 
 # ---------------------------------------------------------------------------- loss
@@ -139,7 +193,7 @@ class RateDistortionLoss(nn.Module):
 
     def forward(self, output: dict, target: Tensor) -> dict[str, Tensor]:
         n, _, h, w = target.shape
-        bpp = sum(-torch.log2(lik).sum() for lik in output["likelihoods"].values()) / (n * h * w)
+        bpp = bpp_from_likelihoods(output["likelihoods"], n * h * w)
         x_hat = output["x_hat"]
         mse = torch.mean((x_hat - target) ** 2)
         result = {"bpp": bpp, "mse": mse}
@@ -162,46 +216,11 @@ def _split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Par
     return main, aux
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The loss (or the gradient) became NaN or infinite; the last checkpoint is left untouched."""
+
+
 # ---------------------------------------------------------------------------- files
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` a temporary file in the same folder, fsync, then rename: a kill never leaves half a file.
-
-    If writing fails the temporary file is removed and ``path`` keeps its previous content.
-    """
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _atomic_save(obj: dict, path: Path) -> None:
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def _atomic_copy(source: Path, path: Path) -> None:
-    _atomic_write(path, lambda tmp: shutil.copyfile(source, tmp))
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint written by :func:`train` (on the CPU), with a clear error for anything else."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -220,27 +239,21 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
 
 
 def _write_csv(path: Path, header: list[str], rows: list[dict]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=header, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    """Write the whole CSV atomically (a kill never leaves half a row)."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def _append_csv(path: Path, row: dict) -> None:
-    """Append one row; if its columns differ from the file's header, rewrite the file with the union."""
+    """Add one row; the header becomes the union of the file's columns and the row's (file order first)."""
     header, rows = _read_csv(path)
-    if header and list(row) != header:
-        merged = header + [key for key in row if key not in header]
-        _write_csv(path, merged, rows + [row])
-        return
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    merged = header + [key for key in row if key not in header]
+    _write_csv(path, merged, rows + [row])
 
 
 def _truncate_csv(path: Path, epoch: int) -> None:
@@ -264,22 +277,7 @@ def _last_csv_row(path: Path) -> dict:
     return out
 
 
-def psnr_from_mse(mse: float) -> float:
-    return 10 * math.log10(1 / mse) if mse > 0 else float("inf")
-
-
-def state_dict_hash(model: nn.Module) -> str:
-    """SHA-256 of a module's state dict (names, dtypes, shapes and bytes): equal iff the weights are."""
-    module = model.module if hasattr(model, "module") else model
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
-
-
-# ---------------------------------------------------------------------------- distributed
+# ---------------------------------------------------------------------------- distributed and random state
 def _dist_info() -> tuple[int, int]:
     """(rank, world size); (0, 1) without an initialised process group."""
     if dist.is_available() and dist.is_initialized():
@@ -298,16 +296,106 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _mix_seed(*values: int) -> int:
+    """A well-mixed 63-bit seed from integers (seed, epoch, position ...): nearby inputs give unrelated streams."""
+    words = np.random.SeedSequence([v % 2**64 for v in values]).generate_state(2, np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+# ---------------------------------------------------------------------------- data order
+class GlobalBatchSampler:
+    """Batch sampler: this process's share of the global batches of one epoch, with per-image seeds.
+
+    An epoch's sequence of images is a series of passes over the dataset, each a
+    random permutation fixed by ``(seed, epoch, pass)``; a pass yields
+    ``len(dataset) // global_batch`` batches (the incomplete tail is dropped). Step
+    ``i`` is the global batch ``i`` of that sequence; rank ``r`` of ``world`` takes
+    its ``r``-th slice. Every item is ``(index, item_seed)``, the seed fixed by
+    ``(seed, epoch, position in the epoch)`` (see :class:`SeededItems`).
+    :meth:`set_epoch` chooses the epoch and the steps to yield, so that a resumed
+    run starts at the right batch.
+    """
+
+    def __init__(self, size: int, global_batch: int, seed: int, rank: int = 0, world: int = 1):
+        if global_batch % world:
+            raise ValueError(f"global batch {global_batch} not divisible by {world} processes")
+        self.size, self.global_batch, self.seed, self.rank = size, global_batch, seed, rank
+        self.local_batch = global_batch // world
+        self.batches_per_pass = size // global_batch
+        self.epoch, self.start, self.stop = 0, 0, self.batches_per_pass
+        self._cached: tuple[tuple[int, int], Tensor] | None = None
+
+    def set_epoch(self, epoch: int, start: int, stop: int) -> None:
+        """Yield steps ``start .. stop - 1`` of ``epoch`` on the next iteration."""
+        self.epoch, self.start, self.stop = epoch, start, stop
+
+    def _permutation(self, epoch: int, pass_index: int) -> Tensor:
+        key = (epoch, pass_index)
+        if self._cached is None or self._cached[0] != key:
+            generator = torch.Generator().manual_seed(_mix_seed(self.seed, epoch, pass_index, 1))
+            self._cached = key, torch.randperm(self.size, generator=generator)
+        return self._cached[1]
+
+    def batch(self, epoch: int, step: int) -> list[tuple[int, int]]:
+        """This rank's ``(index, item_seed)`` pairs of step ``step`` of ``epoch``."""
+        pass_index, within = divmod(step, self.batches_per_pass)
+        order = self._permutation(epoch, pass_index)
+        first = within * self.global_batch + self.rank * self.local_batch
+        position = step * self.global_batch + self.rank * self.local_batch
+        return [(int(order[first + k]), _mix_seed(self.seed, epoch, position + k, 2))
+                for k in range(self.local_batch)]
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start, self.stop):
+            yield self.batch(self.epoch, step)
+
+
+class SeededItems(Dataset):
+    """``dataset[index]`` drawn with torch's global generator seeded by ``item_seed``, for items ``(index, item_seed)``.
+
+    Random crops (and flips) of :class:`alice_lib.data.ImageFolder` and
+    :class:`SyntheticImages` then depend on the image's place in the epoch only,
+    not on which DataLoader worker or process loads it. The caller's random state
+    is restored afterwards (the main process's noise stream is untouched when
+    ``num_workers=0``).
+    """
+
+    def __init__(self, data: Dataset):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, item: tuple[int, int]) -> Tensor:
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.data[index]
+
+
+def _auto_workers(config: TrainConfig, device: torch.device, world: int) -> int:
+    """``config.num_workers``, or for ``None`` 0 on the CPU (workers would take the cores) and up to 8 on CUDA."""
+    if config.num_workers is not None:
+        return config.num_workers
+    if device.type != "cuda":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus // world - 1))
+
+
 # ---------------------------------------------------------------------------- validation
 @torch.no_grad()
 def validate(model: nn.Module, data: Dataset, criterion: RateDistortionLoss, batch_size: int = 4,
              device: torch.device | str | None = None) -> dict:
     """Mean loss, bpp (from likelihoods), MSE and PSNR (and MS-SSIM) over ``data`` in eval mode (rounded latents).
 
-    PSNR is that of the mean MSE.
+    PSNR is that of the mean MSE. Always float32 (the choice of ``best.pt`` rests on it).
     """
     model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = torch.device(device) if device is not None else model_device(model)
     was_training = model.training
     model.eval()
     totals: dict[str, float] = {}
@@ -328,233 +416,395 @@ def validate(model: nn.Module, data: Dataset, criterion: RateDistortionLoss, bat
     return means
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The loss (or the gradient) became NaN or infinite; the last checkpoint is left untouched."""
+# ---------------------------------------------------------------------------- one run, in named steps
+@dataclass
+class _EpochProgress:
+    """The running totals of the epoch in progress (saved in a mid-epoch checkpoint)."""
+
+    sums: Tensor  # float64, one per metric key: the sum over this epoch's steps of this rank's batch means
+    batches: int = 0
+    seconds_before: float = 0.0  # time spent on this epoch before a resume
+    started: float = field(default_factory=time.time)
+
+    @classmethod
+    def fresh(cls, n_metrics: int) -> _EpochProgress:
+        return cls(torch.zeros(n_metrics, dtype=torch.float64))
+
+    def add(self, values: list[float]) -> None:
+        self.sums += torch.tensor(values, dtype=torch.float64)
+        self.batches += 1
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.time() - self.started
 
 
-# ---------------------------------------------------------------------------- training
+@dataclass
+class _Run:
+    """What one call of :func:`train` holds between its steps."""
+
+    model: nn.Module
+    config: TrainConfig
+    run_dir: Path
+    device: torch.device
+    rank: int
+    world: int
+    criterion: RateDistortionLoss
+    main_params: list[nn.Parameter]
+    aux_params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    aux_optimizer: torch.optim.Optimizer | None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau | None
+    sampler: GlobalBatchSampler
+    loader: DataLoader
+    steps_per_epoch: int
+    extra_state: dict
+    net: nn.Module | None = None  # the model, or its DistributedDataParallel wrapper
+    state: dict = field(default_factory=lambda: {"step": 0, "epoch": 0, "best_loss": math.inf})
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def metric_keys(self) -> list[str]:
+        return ["loss", "bpp", "mse"] + (["ms_ssim"] if self.config.metric == "ms-ssim" else [])
+
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / "best.pt"
+
+    @property
+    def csv_path(self) -> Path:
+        return self.run_dir / "metrics.csv"
+
+
+def _optimizers(config: TrainConfig, main: list[nn.Parameter], aux: list[nn.Parameter]):
+    """The main optimizer (Adam or SGD) and, when the quantiles train, CompressAI's auxiliary Adam."""
+    if config.optimizer == "adam":
+        optimizer = torch.optim.Adam(main, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(main, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return optimizer, (torch.optim.Adam(aux, lr=config.aux_lr) if aux else None)
+
+
+def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """Cosine over the steps or over the epochs (``schedule_unit``), plateau per epoch, or none."""
+    if config.schedule == "cosine":
+        t_max = config.steps if config.schedule_unit == "step" else config.epochs(steps_per_epoch)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t_max)
+    if config.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, factor=config.plateau_factor, patience=config.plateau_patience)
+    return None
+
+
+def _setup(model: nn.Module, train_data: Dataset, run_dir: Path, config: TrainConfig,
+           extra_state: dict | None) -> _Run:
+    """Set-up: check the batch against the processes, build optimizers, schedule and data order, seed."""
+    rank, world = _dist_info()
+    extra_state = dict(extra_state or {})
+    clashes = _CHECKPOINT_KEYS & set(extra_state)
+    if clashes:
+        raise ValueError(f"extra_state may not use the checkpoint's own keys {sorted(clashes)}")
+    config.per_process_batch(world)
+    device = model_device(model)
+    sampler = GlobalBatchSampler(len(train_data), config.batch_size, config.seed, rank, world)
+    if sampler.batches_per_pass == 0:
+        raise ValueError(f"the training set ({len(train_data)} images) is smaller than one batch of "
+                         f"{config.batch_size} (the global batch, {world} process(es))")
+    steps_per_epoch = config.steps_per_epoch or sampler.batches_per_pass
+    workers = _auto_workers(config, device, world)
+    # The loader's own generator: its base seed (unused, items are seeded) must not consume the noise stream.
+    loader = DataLoader(SeededItems(train_data), batch_sampler=sampler, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                        generator=torch.Generator().manual_seed(config.seed))
+    main_params, aux_params = _split_parameters(model)
+    optimizer, aux_optimizer = _optimizers(config, main_params, aux_params)
+    if rank == 0:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    # Each rank draws its own quantisation noise; rank 0's stream is that of a one-process run.
+    torch.manual_seed(config.seed + rank)
+    random.seed(config.seed + rank)
+    np.random.seed((config.seed + rank) % 2**32)
+    return _Run(model=model, config=config, run_dir=Path(run_dir), device=device, rank=rank, world=world,
+                criterion=RateDistortionLoss(config.lmbda, config.metric), main_params=main_params,
+                aux_params=aux_params, optimizer=optimizer, aux_optimizer=aux_optimizer,
+                scheduler=_scheduler(config, optimizer, steps_per_epoch), sampler=sampler, loader=loader,
+                steps_per_epoch=steps_per_epoch, extra_state=extra_state)
+
+
+def _fresh_start(run: _Run) -> _EpochProgress:
+    """A fresh run must not append to an older run's log nor keep its best checkpoint."""
+    if run.is_main:
+        run.csv_path.unlink(missing_ok=True)
+        run.best_path.unlink(missing_ok=True)
+    return _EpochProgress.fresh(len(run.metric_keys))
+
+
+def _resume(run: _Run) -> _EpochProgress:
+    """Resume from ``last.pt``: weights, optimizers, schedule, random state, step, epoch and place in the epoch.
+
+    Reads every checkpoint of format ``alice-train-v1``, including those written
+    before mid-epoch checkpoints existed (they resume at the start of their epoch).
+    """
+    ckpt = load_checkpoint(run.last_path)
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    if run.aux_optimizer is not None:
+        if ckpt.get("aux_optimizer"):
+            run.aux_optimizer.load_state_dict(ckpt["aux_optimizer"])
+        else:
+            warnings.warn(f"{run.last_path} has no auxiliary optimizer state; the aux optimizer starts afresh")
+    if run.scheduler is not None and ckpt.get("scheduler"):
+        run.scheduler.load_state_dict(ckpt["scheduler"])
+    _restore_rng(run, ckpt)
+    run.state = {key: ckpt[key] for key in run.state}
+    old = ckpt.get("train_config") or {}
+    changed = {f.name for f in fields(run.config) if f.name in old and f.name not in _RESULT_NEUTRAL
+               and old[f.name] != getattr(run.config, f.name)}
+    if changed:
+        warnings.warn(f"resuming {run.last_path} with a changed configuration: {sorted(changed)}")
+    if run.is_main:
+        _truncate_csv(run.csv_path, run.state["epoch"])
+    return _progress_from(run, ckpt.get("in_epoch"), ckpt.get("world_size", 1))
+
+
+def _restore_rng(run: _Run, ckpt: dict) -> None:
+    """This rank's random state from the checkpoint; reseeded (with a warning) if the process count changed."""
+    saved_world = ckpt.get("world_size", 1)
+    if run.world == 1:
+        _set_rng_state({"cpu": ckpt["rng"], "cuda": ckpt.get("rng_cuda")}, run.device)
+    elif saved_world == run.world and "rng_per_rank" in ckpt:
+        _set_rng_state(ckpt["rng_per_rank"][run.rank], run.device)
+    else:
+        warnings.warn(f"{run.last_path} was written by {saved_world} process(es), this run has {run.world}: "
+                      "the noise is reseeded (the data order is not affected), the run will not match an "
+                      "uninterrupted one bit for bit")
+        torch.manual_seed(run.config.seed + run.rank + 1_000_003 * (ckpt["epoch"] + 1) + ckpt["step"])
+
+
+def _progress_from(run: _Run, in_epoch: dict | None, saved_world: int) -> _EpochProgress:
+    """The epoch totals a mid-epoch checkpoint saved (fresh ones at an epoch boundary)."""
+    progress = _EpochProgress.fresh(len(run.metric_keys))
+    if not in_epoch:
+        return progress
+    progress.batches, progress.seconds_before = int(in_epoch["batches"]), float(in_epoch["seconds"])
+    per_rank = in_epoch.get("sums_per_rank")
+    if per_rank is not None and saved_world == run.world:
+        progress.sums = per_rank[run.rank].clone()
+    elif run.is_main:  # the ranks' mean so far; the row divides the all-reduced sum by the world size
+        progress.sums = in_epoch["sums"].clone() * run.world
+    return progress
+
+
+def _wrap_ddp(run: _Run) -> None:
+    """The network the steps call: DDP (parameters broadcast from rank 0, after any resume) or the model."""
+    run.net = run.model
+    if run.distributed:
+        run.net = nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
+            find_unused_parameters=run.config.ddp_find_unused_parameters,
+            forward_sync_buffers=False)  # buffers copied from rank 0 once, here; none changes in a forward
+
+
+def _checkpoint(run: _Run, progress: _EpochProgress | None = None) -> dict:
+    """The checkpoint dict; ``progress``: the unfinished epoch's totals. Collective under DDP."""
+    ckpt = {"format": CHECKPOINT_FORMAT, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "aux_optimizer": run.aux_optimizer.state_dict() if run.aux_optimizer else {},
+            "scheduler": run.scheduler.state_dict() if run.scheduler else {}, "rng": torch.get_rng_state(),
+            "train_config": asdict(run.config), **run.state, **run.extra_state}
+    own = _rng_state(run.device)
+    if own["cuda"] is not None:
+        ckpt["rng_cuda"] = own["cuda"]
+    if progress is not None:
+        ckpt["in_epoch"] = {"batches": progress.batches, "seconds": progress.seconds(),
+                            "sums": progress.sums.clone()}
+    if run.distributed:
+        gathered: list = [None] * run.world
+        mine = {"rng": {k: (v.cpu() if v is not None else None) for k, v in own.items()},
+                "sums": progress.sums.clone() if progress is not None else None}
+        dist.all_gather_object(gathered, mine)
+        ckpt["rng_per_rank"] = [g["rng"] for g in gathered]
+        ckpt["world_size"] = run.world
+        if progress is not None:
+            ckpt["in_epoch"]["sums_per_rank"] = [g["sums"] for g in gathered]
+            ckpt["in_epoch"]["sums"] = torch.stack([g["sums"] for g in gathered]).mean(0)
+    return ckpt
+
+
+def _float_output(output: dict) -> dict:
+    """The model's output in float32 (after a bf16 autocast forward: the loss is computed in float32)."""
+    return {"x_hat": output["x_hat"].float(),
+            "likelihoods": {key: value.float() for key, value in output["likelihoods"].items()}}
+
+
+def _stop_if_not_finite(run: _Run, loss: Tensor, out: dict) -> None:
+    """Raise :class:`NonFiniteLossError` on every rank together when any rank's loss is not finite."""
+    finite = bool(torch.isfinite(loss.detach()).item())
+    if run.distributed:
+        flag = torch.tensor([1.0 if finite else 0.0], device=run.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = bool(flag.item() > 0)
+    if not finite:
+        raise NonFiniteLossError(
+            f"non-finite loss ({loss.item()}, bpp {out['bpp'].item()}, mse {out['mse'].item()}) "
+            f"at step {run.state['step'] + 1}; run stopped, last good checkpoint kept at {run.last_path}")
+
+
+def _aux_step(run: _Run) -> None:
+    """CompressAI's auxiliary step on the quantiles (gradients averaged by hand: DDP has no ``aux_loss``)."""
+    run.aux_optimizer.zero_grad(set_to_none=True)
+    run.model.aux_loss().backward()
+    if run.distributed:
+        for p in run.aux_params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(run.world)
+    run.aux_optimizer.step()
+
+
+def _train_step(run: _Run, batch: Tensor) -> list[float]:
+    """One step: forward (bf16 autocast if asked), loss, backward, clipping, update, aux step, per-step schedule."""
+    config = run.config
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+        output = run.net(batch)
+    out = run.criterion(_float_output(output), batch)
+    loss = out["loss"]
+    _stop_if_not_finite(run, loss, out)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(run.main_params, config.clip_max_norm if config.clip_max_norm > 0
+                                         else math.inf)
+    if not torch.isfinite(grad_norm):
+        raise NonFiniteLossError(
+            f"non-finite gradient norm at step {run.state['step'] + 1} (loss {loss.item()}); "
+            f"run stopped before the update, last good checkpoint kept at {run.last_path}")
+    run.optimizer.step()
+    if run.aux_optimizer is not None:
+        _aux_step(run)
+    if isinstance(run.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) and config.schedule_unit == "step":
+        run.scheduler.step()
+    return [out[key].item() for key in run.metric_keys]
+
+
+def _train_epoch(run: _Run, progress: _EpochProgress, bar: tqdm) -> None:
+    """The remaining steps of the current epoch, with the mid-epoch checkpoints of ``checkpoint_every``."""
+    config, state = run.config, run.state
+    start = progress.batches
+    stop = max(start, min(run.steps_per_epoch, start + config.steps - state["step"]))
+    run.sampler.set_epoch(state["epoch"], start, stop)
+    for batch in run.loader:
+        values = _train_step(run, batch.to(run.device, non_blocking=True))
+        progress.add(values)
+        state["step"] += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{values[0]:.3f}", bpp=f"{values[1]:.3f}")
+        every = config.checkpoint_every
+        if every and state["step"] % every == 0 and progress.batches < stop:
+            ckpt = _checkpoint(run, progress)
+            if run.is_main:
+                atomic_save(ckpt, run.last_path)
+
+
+def _end_epoch(run: _Run, progress: _EpochProgress, val_data: Dataset | None) -> dict:
+    """End of epoch: the metrics row, validation and ``best.pt``, the per-epoch schedule, ``last.pt``."""
+    sums = progress.sums
+    if run.distributed:  # the row describes every rank's batches
+        reduced = sums.to(run.device)
+        dist.all_reduce(reduced)
+        sums = reduced.cpu() / run.world
+    means = {key: sums[i].item() / max(progress.batches, 1) for i, key in enumerate(run.metric_keys)}
+    run.state["epoch"] += 1
+    row = {"epoch": run.state["epoch"], "step": run.state["step"],
+           **{f"train_{k}": means[k] for k in ("loss", "bpp", "mse")}, "train_psnr": psnr_from_mse(means["mse"]),
+           "lr": run.optimizer.param_groups[0]["lr"], "seconds": progress.seconds()}
+    if "ms_ssim" in means:
+        row["train_ms_ssim"] = means["ms_ssim"]
+    plateau_value = means["loss"]
+    if val_data is not None:
+        val = validate(run.model, val_data, run.criterion, device=run.device)
+        row.update({f"val_{k}": v for k, v in val.items()})
+        plateau_value = val["loss"]
+        if val["loss"] < run.state["best_loss"]:
+            run.state["best_loss"] = val["loss"]
+            ckpt = _checkpoint(run)
+            if run.is_main:
+                atomic_save(ckpt, run.best_path)
+    if isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        run.scheduler.step(plateau_value)
+    elif isinstance(run.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) and run.config.schedule_unit == "epoch":
+        run.scheduler.step()
+    ckpt = _checkpoint(run)
+    if run.is_main:
+        _append_csv(run.csv_path, row)
+        atomic_save(ckpt, run.last_path)
+    return row
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool, device: torch.device) -> Iterator[None]:
+    """TF32 for CUDA matmuls and cuDNN as ``enabled`` says, for the run only (the previous flags come back)."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def _finish(run: _Run, last_row: dict, val_data: Dataset | None) -> dict:
+    """Without validation data the best model is the final one; every rank waits for rank 0's files."""
+    if run.distributed:
+        dist.barrier()
+    if run.is_main and last_row and val_data is None:
+        atomic_copy(run.last_path, run.best_path)
+    if run.distributed:
+        dist.barrier()
+    return last_row or _last_csv_row(run.csv_path)
+
+
 def train(model: nn.Module, train_data: Dataset, run_dir: str | Path, config: TrainConfig,
           val_data: Dataset | None = None, resume: bool = True, extra_state: dict | None = None,
           progress: bool = True, on_epoch_end: Callable[[dict], None] | None = None) -> dict:
     """Train ``model`` in place (on the device of its parameters); returns the final metrics row.
 
+    ``train_data`` items are float images ``[3, H, W]`` whose randomness (crops) comes
+    from torch's global generator; it is seeded per item (see :class:`SeededItems`).
     ``extra_state`` (e.g. the model configuration and training mode) is stored in
     every checkpoint so that the files describe themselves. ``on_epoch_end(row)`` is
     called on every rank after each epoch's checkpoint is written (raise in it to
     stop the run; the checkpoint just written is the place to resume from).
     A run that is already complete returns the last row of its ``metrics.csv``.
     """
-    run_dir = Path(run_dir)
-    rank, world = _dist_info()
-    distributed = dist.is_available() and dist.is_initialized()
-    is_main = rank == 0
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    last_path, best_path, csv_path = run_dir / "last.pt", run_dir / "best.pt", run_dir / "metrics.csv"
-    extra_state = dict(extra_state or {})
-    clashes = _CHECKPOINT_KEYS & set(extra_state)
-    if clashes:
-        raise ValueError(f"extra_state may not use the checkpoint's own keys {sorted(clashes)}")
-    device = next(model.parameters()).device
-    criterion = RateDistortionLoss(config.lmbda, config.metric)
-    main_params, aux_params = _split_parameters(model)
-    if config.optimizer == "adam":
-        optimizer = torch.optim.Adam(main_params, lr=config.lr, weight_decay=config.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(main_params, lr=config.lr, momentum=config.momentum,
-                                    weight_decay=config.weight_decay)
-    aux_optimizer = torch.optim.Adam(aux_params, lr=config.aux_lr) if aux_params else None
-    if config.schedule == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
-    elif config.schedule == "plateau":
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, factor=config.plateau_factor, patience=config.plateau_patience)
-    else:
-        scheduler = None
-
-    # Each rank draws its own noise and crops; rank 0's stream is that of a one-process run.
-    torch.manual_seed(config.seed + rank)
-    random.seed(config.seed + rank)
-    np.random.seed((config.seed + rank) % 2**32)
-    state = {"step": 0, "epoch": 0, "best_loss": math.inf}
-    if resume and last_path.exists():
-        ckpt = load_checkpoint(last_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if aux_optimizer is not None:
-            if ckpt.get("aux_optimizer"):
-                aux_optimizer.load_state_dict(ckpt["aux_optimizer"])
-            else:
-                warnings.warn(f"{last_path} has no auxiliary optimizer state; the aux optimizer starts afresh")
-        if scheduler is not None and ckpt.get("scheduler"):
-            scheduler.load_state_dict(ckpt["scheduler"])
-        saved_world = ckpt.get("world_size", 1)
-        if world == 1:
-            _set_rng_state({"cpu": ckpt["rng"], "cuda": ckpt.get("rng_cuda")}, device)
-        elif saved_world == world and "rng_per_rank" in ckpt:
-            _set_rng_state(ckpt["rng_per_rank"][rank], device)
-        else:
-            warnings.warn(f"{last_path} was written by {saved_world} process(es), this run has {world}: "
-                          "random streams are reseeded, the run will not match an uninterrupted one")
-            torch.manual_seed(config.seed + rank + 1_000_003 * (ckpt["epoch"] + 1))
-        state = {k: ckpt[k] for k in state}
-        old = ckpt.get("train_config") or {}
-        changed = {f.name for f in fields(config) if f.name in old and old[f.name] != getattr(config, f.name)}
-        if changed:
-            warnings.warn(f"resuming {last_path} with a changed configuration: {sorted(changed)}")
-        if is_main:
-            _truncate_csv(csv_path, state["epoch"])
-    elif is_main:
-        # A fresh run must not append to an older run's log nor keep its best checkpoint.
-        csv_path.unlink(missing_ok=True)
-        best_path.unlink(missing_ok=True)
-
-    net: nn.Module = model
-    if distributed:
-        # Parameters and buffers are broadcast from rank 0 here, after any resume.
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=config.ddp_find_unused_parameters, broadcast_buffers=False)
-
-    def checkpoint() -> dict:
-        """Collective under DDP (the random states of all ranks are gathered)."""
-        ckpt = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "aux_optimizer": aux_optimizer.state_dict() if aux_optimizer else {},
-                "scheduler": scheduler.state_dict() if scheduler else {}, "rng": torch.get_rng_state(),
-                "train_config": asdict(config), **state, **extra_state}
-        own = _rng_state(device)
-        if own["cuda"] is not None:
-            ckpt["rng_cuda"] = own["cuda"]
-        if distributed:
-            gathered: list = [None] * world
-            dist.all_gather_object(gathered, {k: (v.cpu() if v is not None else None) for k, v in own.items()})
-            ckpt["rng_per_rank"] = gathered
-            ckpt["world_size"] = world
-        return ckpt
-
-    sampler = None
-    if distributed:
-        sampler = torch.utils.data.DistributedSampler(train_data, num_replicas=world, rank=rank, shuffle=True,
-                                                      seed=config.seed, drop_last=True)
-
-    def epoch_loader(epoch: int) -> DataLoader:
-        """The loader of one epoch; its order depends only on the seed and the epoch (resumable)."""
-        common = dict(batch_size=config.batch_size, drop_last=True, num_workers=config.num_workers,
-                      pin_memory=device.type == "cuda")
-        if sampler is not None:
-            sampler.set_epoch(epoch * 1000)
-            return DataLoader(train_data, sampler=sampler, **common)
-        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        return DataLoader(train_data, shuffle=True, generator=generator, **common)
-
-    batches_per_pass = len(epoch_loader(state["epoch"]))
-    if batches_per_pass == 0:
-        raise ValueError(f"the training set ({len(train_data)} images) is smaller than one batch of "
-                         f"{config.batch_size} per process ({world} process(es))")
-    steps_per_epoch = config.steps_per_epoch or batches_per_pass
-
-    net.train()
-    bar = tqdm(total=config.steps, initial=state["step"], desc=f"train λ={config.lmbda}",
-               disable=not (progress and is_main), unit="step", dynamic_ncols=True)
+    run = _setup(model, train_data, Path(run_dir), config, extra_state)
+    epoch = _resume(run) if resume and run.last_path.exists() else _fresh_start(run)
+    _wrap_ddp(run)
+    run.net.train()
+    bar = tqdm(total=config.steps, initial=run.state["step"], desc=f"train λ={config.lmbda}",
+               disable=not (progress and run.is_main), unit="step", dynamic_ncols=True)
     last_row: dict = {}
-    metric_keys = ["loss", "bpp", "mse"] + (["ms_ssim"] if config.metric == "ms-ssim" else [])
     try:
-        while state["step"] < config.steps:
-            rerun = 0
-            loader = epoch_loader(state["epoch"])
-            batches = iter(loader)
-            sums = torch.zeros(len(metric_keys), dtype=torch.float64)
-            n_batches, started = 0, time.time()
-            while n_batches < steps_per_epoch and state["step"] < config.steps:
-                try:
-                    batch = next(batches)
-                except StopIteration:  # steps_per_epoch longer than one pass: go round again
-                    rerun += 1
-                    if sampler is not None:  # a new order; without DDP the loader's generator moves on
-                        sampler.set_epoch(state["epoch"] * 1000 + rerun)
-                    batches = iter(loader)
-                    batch = next(batches)
-                batch = batch.to(device, non_blocking=True)
-                out = criterion(net(batch), batch)
-                loss = out["loss"]
-                finite = bool(torch.isfinite(loss.detach()).item())
-                if distributed:  # every rank stops together
-                    flag = torch.tensor([1.0 if finite else 0.0], device=device)
-                    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-                    finite = bool(flag.item() > 0)
-                if not finite:
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({loss.item()}, bpp {out['bpp'].item()}, mse {out['mse'].item()}) "
-                        f"at step {state['step'] + 1}; run stopped, last good checkpoint kept at {last_path}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = nn.utils.clip_grad_norm_(
-                    main_params, config.clip_max_norm if config.clip_max_norm > 0 else math.inf)
-                if not torch.isfinite(grad_norm):
-                    raise NonFiniteLossError(
-                        f"non-finite gradient norm at step {state['step'] + 1} (loss {loss.item()}); "
-                        f"run stopped before the update, last good checkpoint kept at {last_path}")
-                optimizer.step()
-                if aux_optimizer is not None:
-                    aux_optimizer.zero_grad(set_to_none=True)
-                    aux_loss = model.aux_loss()  # the unwrapped module: DDP has no aux_loss
-                    aux_loss.backward()
-                    if distributed:
-                        for p in aux_params:
-                            if p.grad is not None:
-                                dist.all_reduce(p.grad)
-                                p.grad.div_(world)
-                    aux_optimizer.step()
-                if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
-                    scheduler.step()
-                values = [out[key].item() for key in metric_keys]
-                for i, value in enumerate(values):
-                    sums[i] += value
-                n_batches += 1
-                state["step"] += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{values[0]:.3f}", bpp=f"{values[1]:.3f}")
-            if distributed:  # the row describes every rank's batches
-                reduced = sums.to(device)
-                dist.all_reduce(reduced)
-                sums = reduced.cpu() / world
-            means = {key: sums[i].item() / n_batches for i, key in enumerate(metric_keys)}
-            state["epoch"] += 1
-            row = {"epoch": state["epoch"], "step": state["step"],
-                   **{f"train_{k}": means[k] for k in ("loss", "bpp", "mse")},
-                   "train_psnr": psnr_from_mse(means["mse"]),
-                   "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - started}
-            if "ms_ssim" in means:
-                row["train_ms_ssim"] = means["ms_ssim"]
-            plateau_value = means["loss"]
-            if val_data is not None:
-                val = validate(model, val_data, criterion, device=device)
-                row.update({f"val_{k}": v for k, v in val.items()})
-                plateau_value = val["loss"]
-                if val["loss"] < state["best_loss"]:
-                    state["best_loss"] = val["loss"]
-                    ckpt = checkpoint()
-                    if is_main:
-                        _atomic_save(ckpt, best_path)
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                scheduler.step(plateau_value)
-            ckpt = checkpoint()
-            if is_main:
-                _append_csv(csv_path, row)
-                _atomic_save(ckpt, last_path)
-            del ckpt
-            last_row = row
-            if on_epoch_end is not None:
-                on_epoch_end(row)
+        with _tf32(config.tf32, run.device):
+            while run.state["step"] < config.steps or epoch.batches:
+                _train_epoch(run, epoch, bar)
+                last_row = _end_epoch(run, epoch, val_data)
+                epoch = _EpochProgress.fresh(len(run.metric_keys))
+                if on_epoch_end is not None:
+                    on_epoch_end(last_row)
     finally:
         bar.close()
-    if distributed:
-        dist.barrier()
-    if is_main and last_row and val_data is None:
-        _atomic_copy(last_path, best_path)  # without validation the best model is the final one
-    if distributed:
-        dist.barrier()
-    return last_row or _last_csv_row(csv_path)
+    return _finish(run, last_row, val_data)
 
 
 # ---------------------------------------------------------------------------- data for smoke runs
@@ -611,7 +861,8 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="python -m alice_lib.train",
         description="Train an STF (full), fine-tune its MLP layers (vanilla) or train ALICE adapters (lora). "
                     "Launch with `torchrun --nproc_per_node=N -m alice_lib.train ...` for DistributedDataParallel "
-                    "(gloo on CPU, nccl on GPUs); --batch-size is per process.")
+                    "(gloo on CPU, nccl on GPUs); --batch-size is the global batch, split evenly over the "
+                    "processes.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="image folder; the last --val-images images validate")
     src.add_argument("--synthetic", type=int, metavar="N", help="N synthetic smooth images instead of a folder")
@@ -625,7 +876,8 @@ def _build_parser() -> argparse.ArgumentParser:
                                          "else LoRAConfig()")
     p.add_argument("--lmbda", type=float, required=True)
     p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="global batch: each of W processes takes batch-size / W images (W must divide it)")
     p.add_argument("--crop", type=int, default=256)
     p.add_argument("--val-crop", type=int, default=256)
     p.add_argument("--val-images", type=int, default=0)
@@ -634,10 +886,22 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aux-lr", type=float, default=1e-3)
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     p.add_argument("--schedule", choices=("cosine", "plateau", "constant"), default="cosine")
+    p.add_argument("--schedule-unit", choices=("step", "epoch"), default="step",
+                   help="cosine: anneal over the steps, stepped every step (default), or over the epochs, "
+                        "stepped once per epoch (the ALICE reference)")
     p.add_argument("--metric", choices=("mse", "ms-ssim"), default="mse")
     p.add_argument("--clip-max-norm", type=float, default=1.0)
-    p.add_argument("--steps-per-epoch", type=int)
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--steps-per-epoch", type=int, help="steps per epoch (validation, CSV row, best.pt); "
+                                                       "default: one pass over the training images")
+    p.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="also write last.pt every N steps within an epoch (resumes at the next batch)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: bfloat16 autocast of the forward pass (CUDA or CPU); loss in float32")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls and convolutions on CUDA")
+    p.add_argument("--no-flip", action="store_true",
+                   help="random crops only, no random horizontal flip (the ALICE reference)")
+    p.add_argument("--num-workers", type=int, help="DataLoader workers per process (default: 0 on the CPU, "
+                                                   "up to 8 on a GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch.set_num_threads per process")
     p.add_argument("--backend", choices=("gloo", "nccl"), help="process-group backend (default: nccl on GPUs)")
@@ -649,94 +913,95 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _profile_path(name: str) -> Path:
-    path = Path(name)
-    return path if path.exists() else Path(__file__).with_name("profiles") / f"{name}.yaml"
+def _model_settings(args: argparse.Namespace):
+    """The profile's model settings (alice_lib.settings) with ``--model-set KEY=VALUE`` overrides."""
+    from .settings import load_settings
 
-
-def _profile_lora(name: str) -> Path | None:
-    """The LoRA YAML a profile names (``lora: lora_8_8.yaml``, next to the profile), if any."""
-    import yaml
-
-    path = _profile_path(name)
-    entry = (yaml.safe_load(path.read_text()) or {}).get("lora")
-    return path.with_name(entry) if isinstance(entry, str) else None
-
-
-def _model_config(args):
-    import yaml
-
-    from .models.stf import STFConfig
-
-    values = dict((yaml.safe_load(_profile_path(args.profile).read_text()) or {}).get("model", {}))
+    overrides = {}
     for item in args.model_set:
         key, _, text = item.partition("=")
-        values[key.strip()] = _parse_value(text)
-    return STFConfig(**values)
+        overrides[f"model.{key.strip()}"] = _parse_value(text)
+    return load_settings(args.profile, overrides).model
+
+
+def _cli_device(args: argparse.Namespace) -> tuple[torch.device, bool]:
+    """(device, launched by torchrun); joins the process group when there is one."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cuda = torch.cuda.is_available() if args.device is None else args.device.startswith("cuda")
+    if launched and not dist.is_initialized():
+        dist.init_process_group(args.backend or ("nccl" if cuda else "gloo"))
+    if not cuda:
+        return torch.device("cpu"), launched
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device, launched
+
+
+def _cli_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, dict]:
+    """The STF of the profile (``--init`` weights, adapters for ``--mode``) and the checkpoint's extra state."""
+    from .models.stf import SymmetricalTransFormer
+
+    settings = _model_settings(args)
+    config = settings.stf
+    torch.manual_seed(args.seed)
+    model = SymmetricalTransFormer(config)
+    if args.init:
+        state = torch.load(args.init, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+    extra = {"model_config": config.to_dict(), "mode": args.mode, "lmbda": args.lmbda}
+    if args.mode in ("lora", "vanilla"):
+        from . import lora
+
+        lora_config = lora.LoRAConfig.from_yaml(args.lora_config) if args.lora_config else settings.lora
+        if args.mode == "lora":
+            lora.inject_lora(model, lora_config, generator=torch.Generator().manual_seed(args.seed))
+        lora.mark_trainable(model, args.mode, lora_config)
+        extra["lora_config"] = lora_config.to_dict()
+    return model.to(device), extra
+
+
+def _cli_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset | None]:
+    """Training crops and the held-out validation images (the folder's last ``--val-images``)."""
+    if args.synthetic:
+        val = (SyntheticImages(args.val_images, args.val_crop, train=False, seed=args.seed + 1)
+               if args.val_images else None)
+        return SyntheticImages(args.synthetic, args.crop, seed=args.seed), val
+    from torch.utils.data import Subset
+
+    from .data import ImageFolder
+
+    train_folder = ImageFolder(args.data, args.crop, train=True, max_images=args.max_images, flip=not args.no_flip)
+    n = len(train_folder)
+    split = n - args.val_images
+    if split <= 0:
+        raise ValueError(f"--val-images {args.val_images} leaves no training image out of {n}")
+    if not args.val_images:
+        return Subset(train_folder, range(split)), None
+    val_folder = ImageFolder(args.data, args.val_crop, train=False, max_images=args.max_images)
+    return Subset(train_folder, range(split)), Subset(val_folder, range(split, n))
+
+
+def _cli_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        lmbda=args.lmbda, steps=args.steps, batch_size=args.batch_size, lr=args.lr, aux_lr=args.aux_lr,
+        optimizer=args.optimizer, schedule=args.schedule, schedule_unit=args.schedule_unit,
+        clip_max_norm=args.clip_max_norm, metric=args.metric, seed=args.seed, num_workers=args.num_workers,
+        steps_per_epoch=args.steps_per_epoch, checkpoint_every=args.checkpoint_every, precision=args.precision,
+        tf32=args.tf32)
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Command-line training; under ``torchrun`` every process runs this."""
     args = _build_parser().parse_args(argv)
-    from .models.stf import SymmetricalTransFormer
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    cuda = torch.cuda.is_available() if args.device is None else args.device.startswith("cuda")
-    if launched and not dist.is_initialized():
-        dist.init_process_group(args.backend or ("nccl" if cuda else "gloo"))
+    device, launched = _cli_device(args)
     rank, _ = _dist_info()
-    if cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     try:
-        config = _model_config(args)
-        torch.manual_seed(args.seed)
-        model = SymmetricalTransFormer(config)
-        if args.init:
-            state = torch.load(args.init, map_location="cpu", weights_only=True)
-            model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
-        lora_config = None
-        if args.mode in ("lora", "vanilla"):
-            from . import lora
-
-            lora_path = args.lora_config or _profile_lora(args.profile)
-            lora_config = lora.LoRAConfig.from_yaml(lora_path) if lora_path else lora.LoRAConfig()
-            if args.mode == "lora":
-                lora.inject_lora(model, lora_config, generator=torch.Generator().manual_seed(args.seed))
-            lora.mark_trainable(model, args.mode, lora_config)
-        model.to(device)
-        if args.synthetic:
-            train_data: Dataset = SyntheticImages(args.synthetic, args.crop, seed=args.seed)
-            val_data = (SyntheticImages(args.val_images, args.val_crop, train=False, seed=args.seed + 1)
-                        if args.val_images else None)
-        else:
-            from torch.utils.data import Subset
-
-            from .data import ImageFolder
-
-            tr = ImageFolder(args.data, args.crop, train=True, max_images=args.max_images)
-            n = len(tr)
-            split = n - args.val_images
-            if split <= 0:
-                raise ValueError(f"--val-images {args.val_images} leaves no training image out of {n}")
-            train_data = Subset(tr, range(split))
-            val_data = None
-            if args.val_images:
-                va = ImageFolder(args.data, args.val_crop, train=False, max_images=args.max_images)
-                val_data = Subset(va, range(split, n))
-        train_config = TrainConfig(
-            lmbda=args.lmbda, steps=args.steps, batch_size=args.batch_size, lr=args.lr, aux_lr=args.aux_lr,
-            optimizer=args.optimizer, schedule=args.schedule, clip_max_norm=args.clip_max_norm,
-            metric=args.metric, seed=args.seed, num_workers=args.num_workers,
-            steps_per_epoch=args.steps_per_epoch)
-        extra = {"model_config": config.to_dict(), "mode": args.mode, "lmbda": args.lmbda}
-        if lora_config is not None:
-            extra["lora_config"] = lora_config.to_dict()
-        row = train(model, train_data, args.run_dir, train_config, val_data=val_data, resume=not args.no_resume,
+        config = _cli_config(args)
+        model, extra = _cli_model(args, device)
+        train_data, val_data = _cli_datasets(args)
+        row = train(model, train_data, args.run_dir, config, val_data=val_data, resume=not args.no_resume,
                     extra_state=extra, progress=not args.no_progress)
         if args.hash_file:
             path = Path(args.hash_file.replace("{rank}", str(rank)))

@@ -8,7 +8,7 @@ forward (and their ratio).
 
     python benchmarks/codec.py [--image ../shared/data/kodak/kodim01.png] [--repeats 3] [--threads N]
 
-Peak memory is measured by :func:`alice_lib.complexity.peak_memory`: the rise of the
+Peak memory is measured by :func:`alice_lib.evaluation.complexity.peak_memory`: the rise of the
 process's resident high-water mark over its level before the call (weights excluded).
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from alice_lib.checkpoints import deterministic_weights_
-from alice_lib.complexity import peak_memory
+from alice_lib.evaluation.complexity import peak_memory
 from alice_lib.data import read_image
 from alice_lib.models.stf import STFConfig, SymmetricalTransFormer
 

@@ -31,30 +31,31 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from alice_lib.checkpoints import load_stf  # noqa: E402
-from alice_lib.codec import (ANCHOR_LMBDA, RateControl, interpolation_bd_rates, measure_intermediate,  # noqa: E402
-                             target_hit_rate)
+from alice_lib.codec import ANCHOR_LMBDA, RateControl  # noqa: E402
+from alice_lib.evaluation.rate_control import (interpolation_bd_rates, measure_intermediate,  # noqa: E402
+                                               target_hit_rate)
 from alice_lib.lora import read_adapter_metadata  # noqa: E402
+from alice_lib.settings import RunLayout, default_run_dir  # noqa: E402
 
 
 def rate_control(run_dir: Path, mode: str = "interpolate") -> RateControl:
-    anchor_file = run_dir / "models" / "anchor.safetensors"
-    if not anchor_file.exists():
-        raise SystemExit(f"{anchor_file} not found: train the run first (alice run --profile cpu)")
-    adapters = {}
-    for path in sorted((run_dir / "rates").glob("alice-*/adapters.safetensors")):
-        adapters[read_adapter_metadata(path)["lambda"]] = path
+    """The run's anchor and every ALICE adapter file it trained, found through the run-folder layout."""
+    layout = RunLayout(run_dir)
+    if not layout.anchor.exists():
+        raise SystemExit(f"{layout.anchor} not found: train the run first (alice run --profile cpu)")
+    adapters = {read_adapter_metadata(path)["lambda"]: path for path in layout.trained_artifacts("alice")}
     if not adapters:
-        raise SystemExit(f"no rates/alice-*/adapters.safetensors in {run_dir}")
+        raise SystemExit(f"no ALICE adapters in {layout.root / 'rates'}")
     from alice_lib.checkpoints import read_checkpoint
 
-    meta = read_checkpoint(anchor_file)[2]
+    meta = read_checkpoint(layout.anchor)[2]
     anchor_lmbda = float(meta.get("lmbda", ANCHOR_LMBDA))
-    return RateControl(load_stf(anchor_file), adapters, mode=mode, anchor_lmbda=anchor_lmbda, copy=False)
+    return RateControl(load_stf(layout.anchor), adapters, mode=mode, anchor_lmbda=anchor_lmbda, copy=False)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "cpu")
+    parser.add_argument("--run-dir", type=Path, default=default_run_dir("cpu"))
     parser.add_argument("--kodak", type=Path, default=REPO.parent / "shared" / "data" / "kodak")
     parser.add_argument("--max-images", type=int, default=None)
     parser.add_argument("--per-interval", type=int, default=3)
@@ -64,7 +65,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="folder for the CSV files (default: <run>/eval)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    out = args.out or args.run_dir / "eval"
+    out = args.out or RunLayout(args.run_dir).eval_dir
     out.mkdir(parents=True, exist_ok=True)
 
     rc = rate_control(args.run_dir)

@@ -17,7 +17,14 @@ cannot hide in another's peak:
   objects and batch already allocated): the activations, gradients and optimizer state
   that training adds. Glibc may keep freed memory, so this is an upper bound.
 
-Usage: ``.venv/bin/python benchmarks/train_step.py [--steps 8] [--threads 2]``.
+``--precision bf16`` runs the forward pass under bfloat16 autocast, as
+``TrainConfig(precision="bf16")`` does (the loss in float32); ``--stream FOLDER``
+also times :class:`alice_lib.data.ImageFolder` decoding one random crop per item
+from disk (``cache=False``, the mode used for folders above
+:data:`alice_lib.data.CACHE_MAX_IMAGES`), to compare with the step time.
+
+Usage: ``.venv/bin/python benchmarks/train_step.py [--steps 8] [--threads 2] [--precision bf16]
+[--stream ../shared/data/bsds432]``.
 Timings on a shared machine vary with what else runs; compare modes within one run.
 """
 
@@ -49,14 +56,15 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def measure(mode: str, steps: int, warmup: int, batch_size: int, crop: int, threads: int) -> dict:
+def measure(mode: str, steps: int, warmup: int, batch_size: int, crop: int, threads: int,
+            precision: str = "fp32") -> dict:
     """One mode, in this process."""
     import torch
     from torch import nn
 
     from alice_lib import lora
     from alice_lib.models.stf import STFConfig, SymmetricalTransFormer
-    from alice_lib.train import RateDistortionLoss, SyntheticImages, _split_parameters
+    from alice_lib.train import RateDistortionLoss, SyntheticImages, _float_output, _split_parameters
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -73,7 +81,9 @@ def measure(mode: str, steps: int, warmup: int, batch_size: int, crop: int, thre
     batch = torch.stack([data[i] for i in range(batch_size)])
 
     def step() -> None:
-        out = criterion(model(batch), batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            output = model(batch)
+        out = criterion(_float_output(output), batch)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         nn.utils.clip_grad_norm_(main, 1.0)
@@ -105,10 +115,13 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=128)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--stream", metavar="FOLDER", help="also time streamed crops (decode per item) from FOLDER")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.steps, args.warmup, args.batch_size, args.crop, args.threads)))
+        print(json.dumps(measure(args.child, args.steps, args.warmup, args.batch_size, args.crop, args.threads,
+                                 args.precision)))
         return
 
     import platform
@@ -116,14 +129,14 @@ def main() -> None:
     import torch
 
     print(f"STF {MODEL}, batch {args.batch_size}x3x{args.crop}x{args.crop}, {args.threads} thread(s), "
-          f"{args.steps} timed steps after {args.warmup} warm-up, torch {torch.__version__}, "
+          f"{args.steps} timed steps after {args.warmup} warm-up, {args.precision}, torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), "
           f"load average {os.getloadavg()[0]:.1f}")
     results = []
     for mode in args.modes:
         command = [sys.executable, __file__, "--child", mode, "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--batch-size", str(args.batch_size), "--crop", str(args.crop),
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads), "--precision", args.precision]
         env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(args.threads)}
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False)
         if done.returncode:
@@ -143,6 +156,27 @@ def main() -> None:
             if r is not full:
                 print(f"{r['mode']}: step time x{r['median_s'] / full['median_s']:.2f}, "
                       f"train mem x{r['train_mem_mib'] / full['train_mem_mib']:.2f} of full training")
+    if args.stream:
+        per_item = stream_seconds(args.stream, args.crop, min(64, 8 * args.batch_size))
+        print(f"streamed crops from {args.stream}: {per_item * 1000:.1f} ms per image decoded from disk, "
+              f"{per_item * args.batch_size:.2f} s per batch of {args.batch_size} in one process "
+              f"(DataLoader workers overlap it with the step on a GPU)")
+
+
+def stream_seconds(folder: str, crop: int, items: int) -> float:
+    """Median seconds to read, decode and crop one image with ``ImageFolder(cache=False)``."""
+    import torch
+
+    from alice_lib.data import ImageFolder
+
+    data = ImageFolder(folder, crop, train=True, cache=False, flip=False)
+    times = []
+    for i in range(items):
+        torch.manual_seed(i)
+        started = time.perf_counter()
+        data[i % len(data)]
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 if __name__ == "__main__":

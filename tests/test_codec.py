@@ -181,7 +181,7 @@ def test_file_round_trip_and_atomic_write(tiny, tmp_path):
     f = encode(rc, _synthetic(), math.log(0.008))
     path = write_alice(tmp_path / "a.alice", f)
     data = path.read_bytes()
-    assert data[:8] == MAGIC and len(data) == HEADER_SIZE + f.payload_bytes + 4
+    assert data[:8] == MAGIC and len(data) == HEADER_SIZE + 8 * len(f.streams) + f.payload_bytes + 4
     assert zlib.crc32(data[:-4]) == struct.unpack("<I", data[-4:])[0]
     g = read_alice(path)
     assert (g.base_hash, g.adapter_id, g.mode, g.control, g.height, g.width, g.z_shape) == (
@@ -220,9 +220,10 @@ def test_foreign_weights_refused(tiny, tmp_path):
     (lambda d: d[:40], "truncated"),
     (lambda d: d[:-1], "truncated"),
     (lambda d: d + b"\0", "after the CRC"),
-    (lambda d: d[:8] + struct.pack("<H", 2) + d[10:], "version 2"),
+    (lambda d: d[:8] + struct.pack("<H", 3) + d[10:], "version 3"),
     (lambda d: d[:8] + bytes(len(d) - 8), "version 0"),
-    (lambda d: d[:HEADER_SIZE] + bytes([d[HEADER_SIZE] ^ 1]) + d[HEADER_SIZE + 1:], "CRC"),
+    (lambda d: d[:HEADER_SIZE + 8] + bytes([d[HEADER_SIZE + 8] ^ 1]) + d[HEADER_SIZE + 9:], "CRC"),  # payload
+    (lambda d: d[:HEADER_SIZE] + bytes([d[HEADER_SIZE] ^ 1]) + d[HEADER_SIZE + 1:], "truncated"),  # tile index
     (lambda d: d[:-4] + b"\0\0\0\0", "CRC"),
 ])
 def test_damaged_files_named(tiny, make, message):
@@ -283,8 +284,9 @@ def test_corruption_fuzz(tiny):
         elif kind == "byte_set":
             b[rng.randrange(min(len(b), HEADER_SIZE))] = rng.choice([0, 0xFF, 0x7F, 0x80])
         else:  # a header field changed and the CRC recomputed: the field checks must hold on their own
-            offset, fmt = rng.choice([(10, "<H"), (28, "<B"), (29, "<B"), (32, "<d"), (40, "<I"), (44, "<I"),
-                                      (48, "<H"), (50, "<H"), (52, "<I"), (56, "<I"), (12, "<Q"), (20, "<Q")])
+            offset, fmt = rng.choice([(10, "<H"), (28, "<B"), (29, "<B"), (30, "<H"), (32, "<d"), (40, "<I"),
+                                      (44, "<I"), (48, "<I"), (52, "<I"), (56, "<I"), (64, "<I"), (68, "<I"),
+                                      (12, "<Q"), (20, "<Q")])
             size = struct.calcsize(fmt)
             if fmt == "<d":
                 value = rng.choice([math.nan, math.inf, -math.inf, 1e308, rng.uniform(-12, 3),
@@ -341,8 +343,8 @@ def test_header_edit_with_valid_crc_decodes_or_refuses(tiny):
     with pytest.raises(AliceFormatError, match="adapters"):
         decode(rc, parse_alice(_with_crc(bytes(data))))
     data[32:40] = struct.pack("<d", math.log(0.006))
-    data[40:44] = struct.pack("<I", 200)  # height: z shape no longer fits
-    with pytest.raises(AliceFormatError, match="z shape"):
+    data[40:44] = struct.pack("<I", 200)  # height: the tiles no longer cover the image
+    with pytest.raises(AliceFormatError, match="cover"):
         decode(rc, parse_alice(_with_crc(bytes(data))))
 
 
@@ -424,18 +426,20 @@ def test_cli_errors(tiny, tmp_path, capsys, monkeypatch):
     data = good.read_bytes()
     (tmp_path / "magic.alice").write_bytes(b"NOTALICE" + data[8:])
     (tmp_path / "trunc.alice").write_bytes(data[: len(data) // 2])
-    (tmp_path / "flip.alice").write_bytes(data[:70] + bytes([data[70] ^ 4]) + data[71:])
+    (tmp_path / "flip.alice").write_bytes(data[:80] + bytes([data[80] ^ 4]) + data[81:])  # a payload byte
     capsys.readouterr()
     cases = [
         (["compress", str(tmp_path / "missing.png"), str(tmp_path / "x.alice")], "does not exist"),
-        (["compress", str(png), str(png), *_weights(tiny)], "input"),
+        (["compress", str(png), str(png), *_weights(tiny)], "would both be written"),
+        (["compress", str(good), str(good), *_weights(tiny)], "input"),
         (["compress", str(good), str(tmp_path / "y.alice"), *_weights(tiny)], "not a readable image"),
         (["compress", str(png), str(tmp_path / "z.alice"), "--lmbda", "5", *_weights(tiny)], "outside"),
         (["decompress", str(tmp_path / "missing.alice"), str(tmp_path / "o.png")], "does not exist"),
         (["decompress", str(tmp_path / "magic.alice"), str(tmp_path / "o.png"), *_weights(tiny)], "magic"),
         (["decompress", str(tmp_path / "trunc.alice"), str(tmp_path / "o.png"), *_weights(tiny)], "truncated"),
         (["decompress", str(tmp_path / "flip.alice"), str(tmp_path / "o.png"), *_weights(tiny)], "CRC"),
-        (["decompress", str(good), str(good), *_weights(tiny)], "input"),
+        (["decompress", str(good), str(good), *_weights(tiny)], "would both be written"),
+        (["decompress", str(png), str(png), *_weights(tiny)], "input"),
         (["decompress", str(good), str(tmp_path / "o.xyz"), *_weights(tiny)], "extension"),
         (["decompress", str(good), str(tmp_path / "o.png"), "--model", str(tiny["model_path"])], "outside"),
         (["info", str(tmp_path / "trunc.alice")], "truncated"),
@@ -478,14 +482,273 @@ def test_cli_discovers_shipped_weights(tiny, tmp_path, monkeypatch):
 
 
 def test_measurement_helpers(tiny, tmp_path):
+    from alice_lib.evaluation import rate_control as measure
+
     folder = tmp_path / "imgs"
     folder.mkdir()
     for s in range(2):
         Image.fromarray(_synthetic(64, 64, seed=s).permute(1, 2, 0).numpy()).save(folder / f"i{s}.png")
-    df = codec.measure_intermediate(tiny["rc"], folder, per_interval=1)
+    df = measure.measure_intermediate(tiny["rc"], folder, per_interval=1)
     assert set(df["mode"]) == {"trained", "interpolate", "alpha"}
     assert len(df) == 2 * (4 + 3 + 3)
-    bd = codec.interpolation_bd_rates(df)
+    bd = measure.interpolation_bd_rates(df)
     assert sorted(bd["mode"]) == ["alpha", "interpolate"]
-    hits = codec.target_hit_rate(tiny["rc"], folder, [4.0], max_images=1)
+    hits = measure.target_hit_rate(tiny["rc"], folder, [4.0], max_images=1)
     assert len(hits) == 1 and "hit_rate" in hits.attrs
+
+
+# ============================================================================ tiles, old files, bombs
+def test_tiled_round_trip_records_layout(tiny):
+    rc = tiny["rc"]
+    image = _synthetic(150, 200, seed=6)
+    c = math.log(0.01)
+    f = parse_alice(serialize_alice(encode(rc, image, c, tile=64)))
+    assert f.version == 2 and f.tile == (64, 64) and f.stride == 64 and len(f.streams) == 3 * 4
+    decoded = decode(rc, f)
+    model = rc.model_at(c)
+    for (top, left, h, w), (y, z) in zip(f.boxes, f.streams):  # each tile is an independent STF bitstream
+        x = image[:, top:top + h, left:left + w].float().div(255).unsqueeze(0)
+        enc = model.compress(x)
+        assert enc["strings"][0][0] == y and enc["strings"][1][0] == z
+        ref = model.decompress(enc["strings"], enc["shape"], enc["image_size"])["x_hat"][0]
+        assert torch.equal(decoded[:, top:top + h, left:left + w], ref.mul(255).round().to(torch.uint8))
+    # Tile sizes are rounded up to the stride and never exceed the padded image.
+    assert encode(rc, image, c, tile=100).tile == (128, 128)
+    assert encode(rc, image, c, tile=None).tile == (192, 256)
+
+
+def _version1(f) -> bytes:
+    """The version-1 layout (one untiled image) that earlier releases wrote."""
+    body = struct.pack("<8sHH8s8sBBHdIIHHIII", MAGIC, 1, 64, bytes.fromhex(f.base_hash),
+                       bytes(8) if f.adapter_id == "none" else bytes.fromhex(f.adapter_id),
+                       codec.MODES.index(f.mode), 0, 0, f.control, f.height, f.width, *f.z_shape,
+                       len(f.y_string), len(f.z_string), 0) + f.y_string + f.z_string
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def test_version1_files_still_read(tiny):
+    rc = tiny["rc"]
+    image = _synthetic(70, 90, seed=8)
+    f = encode(rc, image, math.log(0.02), tile=None)
+    old = parse_alice(_version1(f))
+    assert old.version == 1 and old.z_shape == (2, 2) and old.lmbda == pytest.approx(0.02)
+    assert torch.equal(decode(rc, old), decode(rc, f))
+    bad = bytearray(_version1(f))
+    bad[48:50] = struct.pack("<H", 1)  # another z shape, CRC recomputed
+    with pytest.raises(AliceFormatError, match="z shape"):
+        decode(rc, parse_alice(_with_crc(bytes(bad))))
+
+
+def _bomb(version: int, side: int = 16384, size: int = 200) -> bytes:
+    """A ``size``-byte file whose header announces ``side`` x ``side`` pixels, sizes consistent, CRC valid."""
+    if version == 1:
+        payload = size - 68
+        header = struct.pack("<8sHH8s8sBBHdIIHHIII", MAGIC, 1, 64, bytes(8), bytes(8), 0, 0, 0, -3.0, side, side,
+                             side // 64, side // 64, payload - 8, 8, 0)
+        body = header + bytes(payload)
+    else:
+        header = struct.pack("<8sHH8s8sBBHdIIIIII", MAGIC, 2, 64, bytes(8), bytes(8), 0, 0, 64, -3.0, side, side,
+                             side, side, 1, 0)
+        payload = size - 76
+        body = header + struct.pack("<II", payload - 8, 8) + bytes(payload)
+    return _with_crc(body + b"\0\0\0\0")
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_bombs_refused_up_front(version, tiny, tmp_path, capsys, monkeypatch):
+    data = _bomb(version)
+    assert len(data) == 200
+    with pytest.raises(AliceFormatError, match="pixel"):
+        parse_alice(data)
+    with pytest.raises(AliceFormatError, match="cannot hold|exceed"):  # also without a pixel limit
+        parse_alice(data, max_pixels=None)
+    path = tmp_path / "bomb.alice"
+    path.write_bytes(data)
+    assert main(["decompress", str(path), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "bomb" in err[0] and "1 failed" in err[1], err  # the error, the summary
+    assert not list((tmp_path / "out").iterdir())
+    # The limit is configurable, like Pillow's MAX_IMAGE_PIXELS.
+    small = serialize_alice(encode(tiny["rc"], _synthetic(64, 64), tiny["rc"].anchor_control))
+    with pytest.raises(AliceFormatError, match="limit"):
+        parse_alice(small, max_pixels=1000)
+    monkeypatch.setenv("ALICE_MAX_IMAGE_PIXELS", "1000")
+    with pytest.raises(AliceFormatError, match="limit"):
+        parse_alice(small)
+    monkeypatch.setenv("ALICE_MAX_IMAGE_PIXELS", "0")
+    assert parse_alice(small).height == 64
+
+
+def test_bomb_cli_is_fast_and_needs_no_torch(tmp_path):
+    """The 200-byte 16384x16384 file: refused, one line, exit 1, without importing torch."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "bomb.alice"
+    path.write_bytes(_bomb(2))
+    code = ("import sys\nfrom alice_lib.cli import main\nrc = main(['info', sys.argv[1]])\n"
+            "assert 'torch' not in sys.modules, 'alice info imported torch'\nsys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.count("\n") == 1 and "exceeds the limit" in out.stderr
+
+
+# ============================================================================ decoder fuzz
+def _fuzz_file(tiny) -> bytes:
+    return serialize_alice(encode(tiny["rc"], _synthetic(64, 128, seed=12), math.log(0.01), tile=64))  # 2 tiles
+
+
+def _mutate_payload(data: bytes, rng: random.Random) -> tuple[str, bytes]:
+    """Change one tile's y or z bitstream (random bytes, bit flips, truncation, extension), fix index and CRC."""
+    f = parse_alice(data)
+    streams = [list(s) for s in f.streams]
+    tile, part = rng.randrange(len(streams)), rng.randrange(2)
+    s = bytearray(streams[tile][part])
+    kind = rng.choice(["random", "bitflips", "truncate", "extend", "zeros"])
+    if kind == "random":
+        i = rng.randrange(len(s))
+        s[i:i + 16] = bytes(rng.randrange(256) for _ in range(16))
+    elif kind == "bitflips":
+        for _ in range(rng.randint(1, 8)):
+            i = rng.randrange(len(s))
+            s[i] ^= 1 << rng.randrange(8)
+    elif kind == "truncate":
+        s = s[:rng.randint(4, max(4, len(s) - 1))]
+    elif kind == "extend":
+        s += bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+    else:
+        s = bytearray(len(s))
+    streams[tile][part] = bytes(s)
+    f.streams = [tuple(x) for x in streams]
+    return kind, serialize_alice(f)
+
+
+def _decode_in_child(rc, data: bytes, timeout: float) -> str:
+    """Decode in a forked child under a timeout: 'image', 'refused', or what went wrong."""
+    import os
+
+    pid = os.fork()
+    if pid == 0:  # the child: exit status says what happened, never returns into pytest
+        code = 1
+        try:
+            f = parse_alice(data)
+            image = decode(rc, f)
+            code = 10 if image.dtype == torch.uint8 and image.shape == (3, f.height, f.width) else 12
+        except AliceFormatError:
+            code = 11
+        except BaseException:
+            code = 13
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return "hang"
+        time.sleep(0.002)
+    if os.WIFSIGNALED(status):
+        return f"crash (signal {os.WTERMSIG(status)})"
+    return {10: "image", 11: "refused", 12: "wrong size", 13: "other exception"}.get(os.WEXITSTATUS(status),
+                                                                                   "failed")
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_decoder_fuzz_behind_a_valid_crc(tiny):
+    """Garbage y / z bitstreams with a valid CRC reach the entropy decoder: a clean error or an image, never a crash."""
+    rc = tiny["rc"]
+    valid = _fuzz_file(tiny)
+    rng = random.Random(99)
+    outcomes: dict[str, int] = {}
+    for _ in range(24):
+        kind, data = _mutate_payload(valid, rng)
+        outcome = _decode_in_child(rc, data, timeout=10.0)
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        assert outcome in ("image", "refused"), (kind, outcome)
+    assert _decode_in_child(rc, valid, timeout=10.0) == "image"
+    print(f"decoder fuzz: {outcomes}")
+
+
+# ============================================================================ orientation, batches
+def _jpeg_with_orientation(path: Path, image: torch.Tensor, orientation: int) -> None:
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    pil.save(path, quality=95, exif=exif)
+
+
+def test_exif_orientation_read_upright(tiny, tmp_path):
+    stored = _synthetic(48, 80, seed=2)  # as a phone stores a portrait photo: sideways, with tag 6
+    path = tmp_path / "portrait.jpg"
+    _jpeg_with_orientation(path, stored, 6)
+    shown = read_image(path)
+    assert shown.shape == (3, 80, 48)  # displayed: rotated 90 degrees clockwise
+    plain = tmp_path / "plain.jpg"
+    _jpeg_with_orientation(plain, stored, 1)
+    assert torch.equal(shown, torch.rot90(read_image(plain), k=-1, dims=(1, 2)))
+    out = tmp_path / "out"
+    assert main(["compress", str(path), "-o", str(out), "-q", *_weights(tiny)]) == 0
+    assert read_alice(out / "portrait.alice").height == 80
+    assert main(["decompress", str(out / "portrait.alice"), "-o", str(out), "-q", *_weights(tiny)]) == 0
+    assert read_image(out / "portrait.png").shape == (3, 80, 48)
+
+
+def test_cli_batch_reports_a_failure_and_goes_on(tiny, tmp_path, capsys):
+    inputs = []
+    for i in range(3):
+        png = tmp_path / f"img{i}.png"
+        Image.fromarray(_synthetic(64, 64 + 32 * i, seed=i).permute(1, 2, 0).numpy()).save(png)
+        inputs.append(str(png))
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    inputs.insert(1, str(tmp_path / "broken.png"))
+    out = tmp_path / "coded"
+    assert main(["compress", *inputs, "-o", str(out), "--lmbda", "0.01", *_weights(tiny)]) == 1
+    captured = capsys.readouterr()
+    assert "broken.png" in captured.err and "not a readable image" in captured.err
+    assert "3 of 4 files" in captured.err and "1 failed" in captured.err
+    assert sorted(p.name for p in out.iterdir()) == ["img0.alice", "img1.alice", "img2.alice"]
+    decoded = tmp_path / "decoded"
+    assert main(["decompress", *map(str, sorted(out.iterdir())), "-o", str(decoded), *_weights(tiny)]) == 0
+    assert "3 of 3 files" in capsys.readouterr().out
+    for i in range(3):
+        assert torch.equal(read_image(decoded / f"img{i}.png"), decode(tiny["rc"], read_alice(out / f"img{i}.alice")))
+
+
+# ============================================================================ shipped weights, PSNR target
+@pytest.fixture(scope="module")
+def shipped():
+    """RateControl over the installed package's own weights (alice_lib/weights)."""
+    from alice_lib.checkpoints import load_stf
+    from alice_lib.cli import shipped_weights
+
+    anchor_path, adapters = shipped_weights()
+    return RateControl(load_stf(anchor_path), adapters, anchor_lmbda=0.0483, copy=False)
+
+
+def test_shipped_weights_code_a_kodak_crop(shipped, crop):
+    from alice_lib.evaluation.metrics import psnr_rgb
+
+    assert shipped.lmbdas == [0.0018, 0.0035, 0.0067, 0.013, 0.025, 0.0483]
+    results = {}
+    for lmbda in (0.0018, 0.005, 0.0483):
+        f = parse_alice(serialize_alice(encode(shipped, crop, math.log(lmbda))))
+        results[lmbda] = (f.bpp, psnr_rgb(crop, decode(shipped, f)))
+    bpps, psnrs = zip(*results.values())
+    assert list(bpps) == sorted(bpps) and list(psnrs) == sorted(psnrs), results  # rate and quality grow
+    assert 0.05 < bpps[0] and bpps[-1] < 4 and psnrs[0] > 18, results
+
+
+def test_target_psnr_reachable(shipped, crop):
+    from alice_lib.evaluation.metrics import psnr_rgb
+
+    lo = psnr_rgb(crop, decode(shipped, encode(shipped, crop, shipped.range[0])))
+    hi = psnr_rgb(crop, decode(shipped, encode(shipped, crop, shipped.range[1])))
+    assert hi > lo + 0.3, (lo, hi)  # the CPU adapters move PSNR by about 0.5 dB here
+    target = 0.4 * lo + 0.6 * hi
+    r = compress_to_target(shipped, crop, target_psnr=target, psnr_tol=0.1)
+    assert r.hit and not r.clamped and abs(r.achieved_psnr - target) <= 0.1, (lo, hi, r)
+    assert r.achieved_psnr == pytest.approx(psnr_rgb(crop, decode(shipped, r.alice)))
+    assert shipped.range[0] < r.control < shipped.range[1]

@@ -177,6 +177,53 @@ def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
     assert list_images(junk) == [junk / "x.jpg"]  # hidden files ignored
 
 
+def _gradient_folder(folder: Path, count: int, size: tuple[int, int] = (40, 56)) -> Path:
+    """Images whose every column differs, so that a flipped crop is never a crop of the original."""
+    folder.mkdir(parents=True, exist_ok=True)
+    h, w = size
+    for i in range(count):
+        array = np.zeros((h, w, 3), np.uint8)
+        array[..., 0] = (np.arange(w) * 4 + i)[None, :]
+        array[..., 1] = (np.arange(h) * 5)[:, None]
+        Image.fromarray(array).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def _is_unflipped_crop(patch: torch.Tensor, image: torch.Tensor) -> bool:
+    c = patch.shape[-1]
+    pixels = (patch * 255).round().to(torch.uint8)
+    return any(torch.equal(pixels, image[:, top:top + c, left:left + c])
+               for top in range(image.shape[1] - c + 1) for left in range(image.shape[2] - c + 1))
+
+
+def test_flip_switch_and_seeded_crops(tmp_path):
+    folder = _gradient_folder(tmp_path / "g", 2)
+    image = read_image(folder / "000.png")
+    plain = ImageFolder(folder, crop=32, train=True, flip=False)
+    flipping = ImageFolder(folder, crop=32, train=True)
+    torch.manual_seed(0)
+    assert all(_is_unflipped_crop(plain[0], image) for _ in range(20))  # random crop only (the reference)
+    assert not all(_is_unflipped_crop(flipping[0], image) for _ in range(20))  # default: crop and flip
+    # the crop is a function of torch's generator: seeded per item by the trainer, reproducible anywhere
+    torch.manual_seed(7)
+    first = plain[1]
+    torch.manual_seed(7)
+    assert torch.equal(plain[1], first)
+
+
+def test_cache_is_automatic_small_folders_cached_large_ones_streamed(tmp_path, monkeypatch):
+    folder = _gradient_folder(tmp_path / "g", 3)
+    assert ImageFolder(folder, crop=32).cache and not ImageFolder(folder, crop=32, cache=False).cache
+    monkeypatch.setattr(data, "CACHE_MAX_IMAGES", 2)
+    streamed = ImageFolder(folder, crop=32, train=False)
+    assert not streamed.cache
+    patches = [streamed[i] for i in range(3)]
+    assert streamed._images == {}  # decoded per item, nothing kept: memory stays flat at any size
+    assert ImageFolder(folder, crop=32, train=False, cache=True).cache
+    cached = ImageFolder(folder, crop=32, train=False, cache=True)
+    assert all(torch.equal(cached[i], patches[i]) for i in range(3)) and len(cached._images) == 3
+
+
 # --------------------------------------------------------------------------- Kodak checksums and download
 
 def test_checksum_table_matches_the_shared_file(kodak_dir):
@@ -326,9 +373,10 @@ def test_resolve_training_offline_fallback_and_openimages(tmp_path, monkeypatch)
         source = resolve_training()
     assert not any(isinstance(w.message, NotKodakWarning) for w in caught)
     assert source.kind == "fallback" and len(list_images(source)) == len(data.FALLBACK_IMAGES)
-    with pytest.warns(UserWarning, match="OpenImages requested but downloads are disabled"), \
-            pytest.warns(FallbackDataWarning):
-        assert resolve_training(source="openimages").kind == "fallback"
+    with pytest.raises(data.MissingDataError, match=r"openimages/train/data is absent.*ALICE_OFFLINE"):
+        resolve_training(source="openimages")
+    with pytest.warns(UserWarning, match="OpenImages train images are missing"), pytest.warns(FallbackDataWarning):
+        assert resolve_training(source="openimages", fallback=True).kind == "fallback"
     with pytest.raises(ValueError, match="unknown training source"):
         resolve_training(source="imagenet")
 
@@ -344,15 +392,54 @@ def test_download_openimages_without_fiftyone_is_a_clear_error(tmp_path, monkeyp
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_fiftyone)
-    with pytest.raises(ImportError, match="pip install fiftyone"):
+    with pytest.raises(ImportError, match=r"fiftyone, which is not installed: pip install -e '\.\[openimages\]'"):
         data.download_openimages(tmp_path / "oi", 4)
     monkeypatch.delenv("ALICE_OFFLINE")
+    # Online but without fiftyone: the error names the folder and the missing package.
+    with pytest.raises(data.MissingDataError, match=r"is absent; fiftyone is not installed \(pip install -e"):
+        resolve_training(source="openimages")
     shared = tmp_path / "shared"
     (shared / "data" / "bsds432").mkdir(parents=True)
     Image.fromarray(_rng_rgb(40, 40)).save(shared / "data" / "bsds432" / "1.jpg")
     monkeypatch.setattr(data, "SHARED_ROOT", shared)
-    with pytest.warns(UserWarning, match="needs fiftyone"):
-        assert resolve_training(source="openimages").kind == "shared"
+    with pytest.warns(UserWarning, match="fiftyone is not installed"):
+        assert resolve_training(source="openimages", fallback=True).kind == "shared"
+    # Part of the split present: used, with a warning naming both counts.
+    _gradient_folder(data.openimages_dir("test"), 3)
+    with pytest.warns(UserWarning, match="using 3 OpenImages test images instead of 10,000"):
+        assert data.resolve_openimages("test").path == data.openimages_dir("test")
+
+
+def test_openimages_reference_counts_and_fiftyone_call(tmp_path, monkeypatch):
+    import sys
+    import tomllib
+    import types
+
+    assert (data.OPENIMAGES_TRAIN_IMAGES, data.OPENIMAGES_TEST_IMAGES) == (300_000, 10_000)
+    extras = tomllib.loads((Path(data.__file__).parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert extras["openimages"] == ["fiftyone"]  # an optional extra, not a core dependency
+    calls = []
+
+    def load_zoo_dataset(name, **kwargs):  # what fiftyone does: images under <dataset_dir>/<split>/data
+        calls.append((name, kwargs))
+        folder = _gradient_folder(Path(kwargs["dataset_dir"]) / kwargs["split"] / "data", kwargs["max_samples"])
+        return types.SimpleNamespace(values=lambda field: sorted(str(p) for p in folder.iterdir()))
+
+    zoo = types.ModuleType("fiftyone.zoo")
+    zoo.load_zoo_dataset = load_zoo_dataset
+    monkeypatch.setitem(sys.modules, "fiftyone", types.ModuleType("fiftyone"))
+    monkeypatch.setitem(sys.modules, "fiftyone.zoo", zoo)
+    monkeypatch.delenv("ALICE_OFFLINE")
+    source = resolve_training(source="openimages", n_images=3)
+    assert source.kind == "download" and source.path == data.openimages_dir("train") and "3 OpenImages" in source.note
+    name, kwargs = calls[0]
+    assert name == "open-images-v6" and kwargs["split"] == "train" and kwargs["max_samples"] == 3
+    assert kwargs["label_types"] == ["classifications"] and kwargs["shuffle"] is False  # the reference's subset
+    # Present now: found again without a download.
+    assert resolve_training(source="openimages", n_images=3).kind == "local" and len(calls) == 1
+    assert data.resolve_openimages("test", 2).path == data.openimages_dir("test")
+    assert calls[-1][1]["split"] == "test"
 
 
 # --------------------------------------------------------------------------- inspection

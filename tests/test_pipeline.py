@@ -1,26 +1,58 @@
-"""The workbook end to end on the smoke profile: papermill driver, resume, failure, report files."""
+"""The workbook end to end on the smoke profile: papermill driver, resume, failure, report files.
+
+The run goes to a fresh temporary folder (never ``runs/smoke``), so a test never passes
+on an earlier run's artefacts.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import pandas as pd
+import torch
 import pytest
 
 from alice_lib import pipeline as wb
 from alice_lib.cli import main
 
 
+@contextlib.contextmanager
+def _captured_console(folder):
+    """Everything the user would see: ``sys.stdout`` / ``sys.stderr`` and file descriptors 1 and 2 (where the
+    notebook kernels write), as text in ``out["text"]``."""
+    path = folder / "console.txt"
+    out = {}
+    with open(path, "a", buffering=1) as stream:
+        saved = [os.dup(1), os.dup(2)]
+        try:
+            os.dup2(stream.fileno(), 1)
+            os.dup2(stream.fileno(), 2)
+            with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+                yield out
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+    out["text"] = path.read_text(errors="replace")
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, kodak_dir):
     root = tmp_path_factory.mktemp("smoke")
-    reports = wb.run_pipeline("smoke", run_dir=root / "run", reports_dir=root / "reports")
-    return root / "run", reports
+    assert not (root / "run").exists()
+    with _captured_console(root) as console:
+        reports = wb.run_pipeline("smoke", run_dir=root / "run", reports_dir=root / "reports",
+                                  parameters={"kodak_dir": str(kodak_dir)})
+    return root / "run", reports, console["text"]
 
 
 def test_driver_runs_every_notebook_and_writes_the_report(smoke_run):
-    run_dir, reports = smoke_run
+    run_dir, reports, _ = smoke_run
     spec = wb.load_profile("smoke")
     executed = sorted(p.name for p in (run_dir / "notebooks").glob("*.ipynb"))
-    assert len(executed) == 4 + len(spec["targets"]) * len(spec["adapt"]["methods"])
+    assert len(executed) == 4 + len(spec.targets) * len(spec.adaptation.methods)
     for name in ("bd_rate.csv", "results.csv", "rd_psnr.png", "rd_psnr.pdf", "rd_msssim.png", "parameters.png",
                  "complexity.png", "complexity.csv", "alice.json", "jpeg.json", "timings.csv"):
         assert (reports / name).stat().st_size > 0, name
@@ -30,8 +62,14 @@ def test_driver_runs_every_notebook_and_writes_the_report(smoke_run):
     assert ("malice", "alice") in set(zip(bd["method"], bd["anchor"]))
 
 
+def test_console_shows_work_units_and_no_kernel_transport_warning(smoke_run):
+    _, _, console = smoke_run
+    assert "steps" in console and "images" in console and "ETA" in console
+    assert "without encryption" not in console and "TCP" not in console
+
+
 def test_results_come_from_real_bitstreams(smoke_run):
-    _, reports = smoke_run
+    _, reports, _ = smoke_run
     rows = pd.read_csv(reports / "results.csv")
     learned = rows[rows["method"].isin(["alice", "malice", "vanilla", "fixed-rate", "anchor"])]
     assert (learned["error"].fillna("") == "").all()
@@ -43,18 +81,35 @@ def test_results_come_from_real_bitstreams(smoke_run):
     assert (alice["psnr"] - malice["psnr"]).abs().max() < 0.05
 
 
-def test_second_run_resumes_without_training(smoke_run):
-    run_dir, _ = smoke_run
+def test_references_are_trained_from_scratch_with_the_anchors_recipe(smoke_run):
+    run_dir, reports, _ = smoke_run
     spec = wb.load_profile("smoke")
-    artifact = wb.rate_artifact(run_dir, "alice", spec["targets"][0])
+    assert spec.references.source == "scratch" and spec.result_label("full") == "full-finetune"
+    for lmbda in spec.targets:
+        folder = wb.RunLayout(run_dir).anchor_training(lmbda)
+        ckpt = torch.load(folder / "last.pt", map_location="cpu", weights_only=True)
+        # from random weights, the anchor's budget and lambda of its own
+        assert ckpt["step"] == spec.anchor.train.steps and ckpt["lmbda"] == lmbda and ckpt["mode"] == "full"
+        assert wb.RunLayout(run_dir).fixed_rate(lmbda).exists()
+    rows = pd.read_csv(reports / "summary.csv")
+    fixed = rows[rows["method"] == "fixed-rate"].set_index("lmbda")["bpp"]
+    finetuned = rows[rows["method"] == "full-finetune"].set_index("lmbda")["bpp"]
+    assert sorted(fixed.index) == sorted(finetuned.index) == sorted(spec.targets)
+    assert (fixed != finetuned).all()  # two different models per lambda, not one curve twice
+
+
+def test_second_run_resumes_without_training(smoke_run):
+    run_dir, _, _ = smoke_run
+    spec = wb.load_profile("smoke")
+    artifact = wb.rate_artifact(run_dir, "alice", spec.targets[0])
     stamp = artifact.stat().st_mtime_ns
-    summary = wb.adapt(spec, run_dir, spec["targets"][0], "alice", progress=False)
+    summary = wb.adapt(spec, run_dir, spec.targets[0], "alice", progress=False)
     assert summary["status"] == "already trained"
     assert artifact.stat().st_mtime_ns == stamp
 
 
 def test_failing_notebook_stops_with_its_path(tmp_path, capsys):
-    code = main(["run", "--profile", "smoke", "--run-dir", str(tmp_path / "run"),
+    code = main(["run", "--profile", "smoke", "--run-dir", str(tmp_path / "run"), "--no-measure",
                  "--reports-dir", str(tmp_path / "reports"), "--kernel", "no-such-kernel"])
     assert code == 1
     assert "01_data.ipynb" in capsys.readouterr().err
@@ -69,11 +124,26 @@ def test_unknown_profile_and_method_are_clear_errors(tmp_path):
 
 def test_paper_profile_carries_the_published_settings():
     paper = wb.load_profile("paper")
-    assert wb.model_config(paper).to_dict() == wb.STFConfig().to_dict()
-    assert paper["anchor"]["lmbda"] == 0.0483
-    assert paper["targets"] == [0.0018, 0.0035, 0.0067, 0.013, 0.025]
-    assert (paper["adapt"]["batch_size"], paper["adapt"]["crop"], paper["adapt"]["epochs"]) == (16, 256, 15)
-    assert paper["adapt"]["alice"]["lr"] == 1e-4 and paper["adapt"]["schedule"] == "cosine"
-    lora = wb.lora_config(paper)
+    assert paper.model.stf == wb.STFConfig()
+    assert paper.anchor.lmbda == 0.0483
+    assert list(paper.targets) == [0.0018, 0.0035, 0.0067, 0.013, 0.025]
+    for method in ("alice", "vanilla"):
+        s = paper.adaptation.training(method)
+        assert (s.batch_size, s.crop, s.epochs, s.steps, s.lr, s.schedule) == (16, 256, 15, None, 1e-4, "cosine")
+        assert s.steps_for(300_000) == 281_250
+    lora = paper.model.lora
     assert (lora.r, lora.alpha, lora.mlp_fc1, lora.mlp_fc2) == (8, 8, True, True)
     assert all(lora.encoder) and all(lora.decoder)
+
+
+def test_cpu_profile_keeps_its_schedule_and_states_its_choices():
+    cpu = wb.load_profile("cpu")
+    s = cpu.adaptation.training("alice")
+    assert (s.steps, s.batch_size, s.crop, s.lr, s.schedule_unit, s.flip, s.seed) == (200, 4, 256, 2e-4, "step",
+                                                                                       True, 0)
+    assert (cpu.data.val_source, cpu.data.val_images, cpu.data.val_crop) == ("held_out", 16, 256)
+    assert cpu.anchor.weights == "cpu_anchor.safetensors" and cpu.anchor.train.steps == 6000
+    text = (wb.PROFILE_DIR / "cpu.yaml").read_text()
+    for key in ("flip: true", "schedule_unit: step", "val_source: held_out"):
+        line = next(line for line in text.splitlines() if key in line)
+        assert "#" in line, f"cpu.yaml does not say why {key!r}"

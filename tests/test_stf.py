@@ -69,6 +69,19 @@ def test_forward_and_coding_match_golden(published, golden):
     assert torch.equal(x_hat, out["x_hat"].clamp(0, 1))  # real bitstream == eval forward, bit for bit
 
 
+def test_bitstreams_equal_the_reference(published, golden, keys):
+    """The rate side of conformance: the golden input codes to the reference's bytes exactly."""
+    import hashlib
+
+    published.update(force=True)
+    coded = published.compress(golden["input_uint8"][None].float() / 255)
+    y, z = coded["strings"][0][0], coded["strings"][1][0]
+    assert {"y": len(y), "z": len(z)} == keys["reference_bitstream_bytes"]
+    assert list(coded["shape"]) == keys["z_shape"]
+    assert {"y": hashlib.sha256(y).hexdigest(), "z": hashlib.sha256(z).hexdigest()} == \
+        keys["reference_bitstream_sha256"]
+
+
 def test_widths_follow_configuration():
     published = STFConfig()
     assert published.hyper_widths == [384, 336, 288, 240, 192]

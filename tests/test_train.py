@@ -4,10 +4,14 @@ DistributedDataParallel with gloo, and a real ALICE adaptation check on a tiny m
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import socket
 import subprocess
 import sys
+import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,7 +28,6 @@ from alice_lib.train import (
     SyntheticImages,
     TrainConfig,
     _append_csv,
-    _atomic_save,
     _read_csv,
     _split_parameters,
     _truncate_csv,
@@ -34,6 +37,7 @@ from alice_lib.train import (
     train,
     validate,
 )
+from alice_lib.utils import atomic_save
 
 REPO = Path(__file__).resolve().parents[1]
 BSDS = REPO.parent / "shared" / "data" / "bsds432"
@@ -69,9 +73,17 @@ def test_config_validation():
     TrainConfig(lmbda=0.01, steps=1)
     for bad in ({"optimizer": "rmsprop"}, {"schedule": "step"}, {"metric": "psnr"}, {"steps": 0},
                 {"batch_size": 0}, {"lr": 0.0}, {"clip_max_norm": -1.0}, {"steps_per_epoch": 0},
-                {"plateau_factor": 1.5}):
+                {"plateau_factor": 1.5}, {"schedule_unit": "batch"}, {"precision": "fp16"},
+                {"checkpoint_every": 0}, {"num_workers": -1}):
         with pytest.raises(ValueError):
             TrainConfig(**{"lmbda": 0.01, "steps": 1, **bad})
+    config = TrainConfig(lmbda=0.01, steps=10, batch_size=16)
+    assert (config.schedule_unit, config.precision, config.tf32, config.checkpoint_every) == ("step", "fp32", False,
+                                                                                               None)
+    assert [config.per_process_batch(w) for w in (1, 2, 4, 8)] == [16, 8, 4, 2]  # batch_size is the global batch
+    with pytest.raises(ValueError, match="global batch and must be divisible by the number of processes"):
+        config.per_process_batch(3)
+    assert config.epochs(4) == 3 and config.epochs(5) == 2 and config.epochs(10) == 1
 
 
 # ---------------------------------------------------------------------------- loss
@@ -193,7 +205,8 @@ def test_resume_after_interruption_is_bit_exact(tmp_path, images, variant):
         assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1))
         assert int(rows[-1]["step"]) == 6
         assert (tmp_path / folder / "best.pt").exists()
-    assert len(_read_csv(tmp_path / "resumed" / "metrics.csv")[1]) == len(_read_csv(tmp_path / "straight" / "metrics.csv")[1])
+    rows_resumed, rows_straight = (_read_csv(tmp_path / name / "metrics.csv")[1] for name in ("resumed", "straight"))
+    assert len(rows_resumed) == len(rows_straight)
     # A finished run resumed again trains nothing and reports its last row.
     again = tiny_model(7)
     assert train(again, images, tmp_path / "straight", config, val_data=val, progress=False)["step"] == 6
@@ -262,7 +275,7 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, images, monkeypa
 
 def test_atomic_save_and_format_check(tmp_path):
     path = tmp_path / "x.pt"
-    _atomic_save({"format": CHECKPOINT_FORMAT, "a": torch.ones(2)}, path)
+    atomic_save({"format": CHECKPOINT_FORMAT, "a": torch.ones(2)}, path)
     assert torch.equal(load_checkpoint(path)["a"], torch.ones(2))
     torch.save({"weights": torch.ones(1)}, tmp_path / "plain.pt")
     with pytest.raises(ValueError, match="not a training checkpoint"):
@@ -302,7 +315,7 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank: int, world: int, port: int, run_dir: str, out_dir: str, steps: int = 3,
-                stop_after: int | None = None, tag: str = "") -> None:
+                stop_after: int | None = None, tag: str = "", kill_at: int | None = None, **settings) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -310,9 +323,10 @@ def _ddp_worker(rank: int, world: int, port: int, run_dir: str, out_dir: str, st
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model = tiny_model(seed=100 + rank)  # different on purpose: DDP starts every rank from rank 0's weights
-        config = TrainConfig(lmbda=0.0483, steps=steps, batch_size=2, lr=1e-3, seed=2)
+        config = TrainConfig(lmbda=0.0483, steps=steps, batch_size=4, lr=1e-3, seed=2, **settings)  # 2 per rank
+        data = SyntheticImages(8, 64, seed=1)
         try:
-            row = train(model, SyntheticImages(8, 64, seed=1), run_dir, config, progress=False,
+            row = train(model, KillAt(data, kill_at) if kill_at else data, run_dir, config, progress=False,
                         on_epoch_end=_stop_after(stop_after) if stop_after else None)
         except Interrupt:
             return
@@ -326,7 +340,8 @@ def _launch(*args, **kwargs) -> None:
     import torch.multiprocessing as mp
 
     # fork: the children inherit the imported modules (a spawned interpreter spends ~10 s importing compressai).
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), *args), nprocs=2, join=True, start_method="fork")
+    worker = functools.partial(_ddp_worker, **kwargs) if kwargs else _ddp_worker
+    mp.start_processes(worker, args=(2, _free_port(), *args), nprocs=2, join=True, start_method="fork")
 
 
 def test_ddp_gloo_two_processes_end_with_identical_weights(tmp_path):
@@ -340,7 +355,7 @@ def test_ddp_gloo_two_processes_end_with_identical_weights(tmp_path):
     saved = SymmetricalTransFormer(TINY)
     saved.load_state_dict(ckpt["model"])
     assert state_dict_hash(saved) == first[0]
-    # 8 images, 2 ranks, 2 per batch: 2 steps per epoch; rank 0 alone wrote one row per epoch.
+    # 8 images, a global batch of 4 (2 per rank): 2 steps per epoch; rank 0 alone wrote one row per epoch.
     assert [r["epoch"] for r in _read_csv(run_dir / "metrics.csv")[1]] == ["1", "2"]
     # Interrupted after one epoch and resumed by both ranks (each restores its own random state):
     # the same weights as the uninterrupted run.
@@ -351,11 +366,26 @@ def test_ddp_gloo_two_processes_end_with_identical_weights(tmp_path):
         assert (tmp_path / f"hash_resumed_{r}.txt").read_text().split() == first
 
 
+def test_ddp_resume_within_an_epoch(tmp_path):
+    """Two processes killed mid-epoch resume at the next global batch, with each rank's noise stream and sums."""
+    settings = dict(steps_per_epoch=3, checkpoint_every=1)
+    _launch(str(tmp_path / "straight"), str(tmp_path), 4, None, "_straight", **settings)
+    # each rank loads 2 images per step: item 5 belongs to step 3, after the step-2 checkpoint
+    _launch(str(tmp_path / "resumed"), str(tmp_path), 4, None, "_killed", kill_at=5, **settings)
+    ckpt = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert (ckpt["step"], ckpt["epoch"], ckpt["in_epoch"]["batches"]) == (2, 0, 2)
+    assert len(ckpt["in_epoch"]["sums_per_rank"]) == 2
+    _launch(str(tmp_path / "resumed"), str(tmp_path), 4, None, "_resumed", **settings)
+    for r in range(2):
+        straight = (tmp_path / f"hash_straight_{r}.txt").read_text().split()
+        assert (tmp_path / f"hash_resumed_{r}.txt").read_text().split() == straight
+
+
 @pytest.mark.skipif(not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun not installed")
 def test_torchrun_cli_two_processes(tmp_path):
     run_dir = tmp_path / "run"
     command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
-               "-m", "alice_lib.train", "--synthetic", "8", "--crop", "64", "--batch-size", "2", "--steps", "2",
+               "-m", "alice_lib.train", "--synthetic", "8", "--crop", "64", "--batch-size", "4", "--steps", "2",
                "--lr", "1e-3", "--lmbda", "0.0483", "--run-dir", str(run_dir), "--backend", "gloo", "--device", "cpu",
                "--threads", "1", "--no-progress", "--hash-file", str(tmp_path / "hash_{rank}.txt"),
                *[f"--model-set={k}={v}" for k, v in
@@ -408,17 +438,208 @@ def _adaptation_data():
 
 
 def test_lora_adaptation_to_a_lower_rate_lowers_rate_and_loss(tmp_path):
+    """Adapters trained at a lower lambda lower the target loss, and code at a lower rate than the same
+    adapters trained at the anchor's lambda (the control: a 150-step anchor is far from converged, so any
+    further training also lowers the distortion, and the rate alone may go either way against the anchor)."""
     lora = pytest.importorskip("alice_lib.lora")
     train_set, val_set = _adaptation_data()
-    model = tiny_model(0, drop_path_rate=0.0)
-    train(model, train_set, tmp_path / "anchor", TrainConfig(lmbda=0.0483, steps=150, batch_size=2, lr=1e-3),
+    anchor = tiny_model(0, drop_path_rate=0.0)
+    train(anchor, train_set, tmp_path / "anchor", TrainConfig(lmbda=0.0483, steps=150, batch_size=2, lr=1e-3),
           progress=False)
     target = RateDistortionLoss(0.0067)
-    before = validate(model, val_set, target)
-    lora.inject_lora(model, lora.LoRAConfig(), generator=torch.Generator().manual_seed(0))
-    lora.mark_trainable(model, "lora")
-    train(model, train_set, tmp_path / "adapted", TrainConfig(lmbda=0.0067, steps=100, batch_size=2, lr=1e-3),
-          progress=False)
-    after = validate(model, val_set, target)
-    assert after["bpp"] < before["bpp"], (before, after)
+    before = validate(anchor, val_set, target)
+    adapted = {}
+    for lmbda in (0.0067, 0.0483):
+        model = tiny_model(0, drop_path_rate=0.0)
+        model.load_state_dict(anchor.state_dict())
+        lora.inject_lora(model, lora.LoRAConfig(), generator=torch.Generator().manual_seed(0))
+        lora.mark_trainable(model, "lora")
+        train(model, train_set, tmp_path / f"adapted-{lmbda}", TrainConfig(lmbda=lmbda, steps=100, batch_size=2,
+                                                                          lr=1e-3), progress=False)
+        adapted[lmbda] = validate(model, val_set, target)
+    after, control = adapted[0.0067], adapted[0.0483]
     assert after["loss"] < before["loss"], (before, after)
+    assert after["bpp"] < control["bpp"], (after, control)
+
+
+# ---------------------------------------------------------------------------- 2 processes = 1 process
+def _value_noise(self, inputs, mode, means=None, _original=None):
+    """CompressAI's quantize with the training noise made a function of the latent value.
+
+    The uniform noise of STF training is drawn per rank, so two processes cannot
+    reproduce one process's draws for the same images. For the equivalence test the
+    noise is ``0.45 * sin(7 x)``: bounded like the real one, smooth (so a last-bit
+    difference between vectorised and scalar code stays a last-bit difference), and
+    the same for a sample whichever process holds it.
+    """
+    if mode == "noise":
+        return inputs + 0.45 * torch.sin(7 * inputs)
+    return _original(self, inputs, mode, means)
+
+
+def _equivalence_run(rank: int, world: int, port: int, run_dir: str, out_dir: str) -> None:
+    """One run of the equivalence test: 8 images, global batch 4, 3 steps (2 epochs), full mode with aux."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = tiny_model(seed=0, drop_path_rate=0.0)  # no stochastic depth: the noise is the only randomness
+        config = TrainConfig(lmbda=0.0483, steps=3, batch_size=4, lr=1e-3, seed=4, steps_per_epoch=2)
+        row = train(model, SyntheticImages(8, 64, seed=1), run_dir, config, progress=False)
+        if rank == 0:
+            torch.save({"weights": weights(model), "row": row}, Path(out_dir, f"world{world}.pt"))
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, monkeypatch):
+    """Rank r takes slice r of each global batch and the crops are seeded by their place in the epoch, so
+    2 processes x 2 images see the 1-process batches of 4; DDP averages the two half-batch gradients.
+    Tolerance: every weight within 2e-5 of the 1-process run (float32 summation order, amplified by Adam),
+    while the 3 steps moved the weights by at least 50 times that."""
+    import compressai.entropy_models as em
+    import torch.multiprocessing as mp
+
+    original = em.EntropyModel.quantize
+    monkeypatch.setattr(em.EntropyModel, "quantize",
+                        lambda self, inputs, mode, means=None: _value_noise(self, inputs, mode, means, original))
+    start = weights(tiny_model(seed=0, drop_path_rate=0.0))
+    threads = torch.get_num_threads()
+    try:
+        _equivalence_run(0, 1, 0, str(tmp_path / "one"), str(tmp_path))
+    finally:
+        torch.set_num_threads(threads)
+    mp.start_processes(_equivalence_run, args=(2, _free_port(), str(tmp_path / "two"), str(tmp_path)), nprocs=2,
+                       join=True, start_method="fork")
+    one, two = (torch.load(tmp_path / f"world{w}.pt", weights_only=True) for w in (1, 2))
+    assert one["weights"].keys() == two["weights"].keys()
+    keys = [k for k in start if start[k].is_floating_point() and start[k].numel()]
+    diff = max((one["weights"][k] - two["weights"][k]).abs().max().item() for k in keys)
+    moved = max((one["weights"][k] - start[k]).abs().max().item() for k in keys)
+    print(f"max |2 processes - 1 process| = {diff:.3g}, max update = {moved:.3g}")
+    assert diff <= 2e-5 and moved >= 50 * 2e-5, (diff, moved)
+    assert one["row"]["step"] == two["row"]["step"] == 3 and one["row"]["epoch"] == two["row"]["epoch"] == 2
+    assert two["row"]["train_loss"] == pytest.approx(one["row"]["train_loss"], rel=1e-4)
+
+
+# ---------------------------------------------------------------------------- data order, mid-epoch resume, schedule
+def test_global_batches_do_not_depend_on_the_number_of_processes():
+    from alice_lib.train import GlobalBatchSampler
+
+    one = GlobalBatchSampler(10, 4, seed=3)
+    halves = [GlobalBatchSampler(10, 4, seed=3, rank=r, world=2) for r in range(2)]
+    for epoch in range(2):
+        for step in range(5):  # 2 batches per pass: steps 2.. go round again with a new permutation
+            assert one.batch(epoch, step) == halves[0].batch(epoch, step) + halves[1].batch(epoch, step)
+    first_pass = [i for step in range(2) for i, _ in one.batch(0, step)]
+    assert len(set(first_pass)) == 8  # no image twice within a pass
+    assert one.batch(0, 0) != one.batch(1, 0) and one.batch(0, 0) != one.batch(0, 2)
+    one.set_epoch(1, 3, 5)
+    assert list(one) == [one.batch(1, 3), one.batch(1, 4)] and len(one) == 2
+
+
+class KillAt(Dataset):
+    """Wraps a dataset; raises :class:`Interrupt` at the ``at``-th item fetched (a kill mid-epoch)."""
+
+    def __init__(self, data: Dataset, at: int):
+        self.data, self.at, self.fetched = data, at, 0
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        self.fetched += 1
+        if self.fetched == self.at:
+            raise Interrupt(f"simulated kill at item {self.at}")
+        return self.data[index]
+
+
+def test_resume_within_an_epoch_is_bit_exact(tmp_path, images):
+    # 4 images, batch 2: 2 batches per pass; 3 steps per epoch (the third goes round); a checkpoint every 2 steps.
+    config = TrainConfig(lmbda=0.0483, steps=6, batch_size=2, lr=1e-3, seed=5, steps_per_epoch=3,
+                         checkpoint_every=2, num_workers=0)
+    straight = tiny_model(0)
+    row = train(straight, images, tmp_path / "straight", config, progress=False)
+
+    with pytest.raises(Interrupt):  # killed while loading step 5 (items 9-10), after the step-4 checkpoint
+        train(tiny_model(0), KillAt(images, 9), tmp_path / "resumed", config, progress=False)
+    ckpt = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert (ckpt["step"], ckpt["epoch"], ckpt["in_epoch"]["batches"]) == (4, 1, 1)
+    assert len(_read_csv(tmp_path / "resumed" / "metrics.csv")[1]) == 1
+    # Resumed by a new process with other initial weights and 2 DataLoader workers: crops are seeded per
+    # image, not per worker, so the result is the uninterrupted run's, bit for bit.
+    resumed = tiny_model(123)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # num_workers does not change results: no warning
+        row_resumed = train(resumed, images, tmp_path / "resumed", replace(config, num_workers=2), progress=False)
+    assert_same_weights(weights(straight), weights(resumed))
+    assert row_resumed["train_loss"] == row["train_loss"] and row_resumed["step"] == 6
+    assert _read_csv(tmp_path / "resumed" / "metrics.csv")[1][0]["train_loss"] == \
+        _read_csv(tmp_path / "straight" / "metrics.csv")[1][0]["train_loss"]
+    assert "in_epoch" not in load_checkpoint(tmp_path / "resumed" / "last.pt")  # epoch-end files: first layout
+
+
+def test_a_first_version_checkpoint_still_resumes(tmp_path, images):
+    """A last.pt of the first layout (no in_epoch; train_config without the newer fields) resumes silently."""
+    config = TrainConfig(lmbda=0.0483, steps=4, batch_size=2, lr=1e-3, seed=1)
+    straight = tiny_model(0)
+    train(straight, images, tmp_path / "straight", config, progress=False)
+    with pytest.raises(Interrupt):
+        train(tiny_model(0), images, tmp_path / "old", config, progress=False, on_epoch_end=_stop_after(1))
+    path = tmp_path / "old" / "last.pt"
+    ckpt = load_checkpoint(path)
+    for key in ("schedule_unit", "checkpoint_every", "precision", "tf32"):
+        del ckpt["train_config"][key]
+    ckpt["train_config"]["num_workers"] = 0
+    assert set(ckpt) == V1_KEYS
+    torch.save(ckpt, path)
+    resumed = tiny_model(9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert train(resumed, images, tmp_path / "old", config, progress=False)["step"] == 4
+    assert_same_weights(weights(straight), weights(resumed))
+
+
+def test_epoch_schedule_unit_steps_the_cosine_once_per_epoch(tmp_path, images):
+    # 2 steps per epoch: 5 steps are 3 epochs (the last one short), so T_max = 3 epochs.
+    steps = 5
+    config = TrainConfig(lmbda=0.0483, steps=steps, batch_size=2, lr=1e-3, steps_per_epoch=2, schedule_unit="epoch")
+    seen: list[float] = []
+    train(tiny_model(0), images, tmp_path, config, progress=False,
+          on_epoch_end=lambda row: seen.append(load_checkpoint(tmp_path / "last.pt")["optimizer"]["param_groups"]
+                                               [0]["lr"]))
+    cosine = [1e-3 * (1 + math.cos(math.pi * k / 3)) / 2 for k in range(4)]
+    assert seen == pytest.approx(cosine[1:], abs=1e-12)  # the lr after k epochs is cosine(k / T)
+    rows = _read_csv(tmp_path / "metrics.csv")[1]
+    assert [float(r["lr"]) for r in rows] == pytest.approx(cosine[:3], abs=1e-12)  # the lr each epoch ran at
+    assert load_checkpoint(tmp_path / "last.pt")["scheduler"]["T_max"] == 3
+    per_step = TrainConfig(lmbda=0.0483, steps=steps, batch_size=2, lr=1e-3, steps_per_epoch=2)
+    train(tiny_model(0), images, tmp_path / "per_step", per_step, progress=False)
+    assert load_checkpoint(tmp_path / "per_step" / "last.pt")["scheduler"]["T_max"] == steps
+
+
+def test_bf16_autocast_runs_a_step_on_cpu(tmp_path, images):
+    model = tiny_model(0)
+    before = weights(model)
+    row = train(model, images, tmp_path, TrainConfig(lmbda=0.0483, steps=1, batch_size=2, lr=1e-3, precision="bf16",
+                                                     tf32=True), progress=False)
+    assert math.isfinite(row["train_loss"]) and row["step"] == 1
+    assert all(v.dtype == before[k].dtype for k, v in weights(model).items())  # the weights stay float32
+    assert not torch.equal(weights(model)["patch_embed.proj.weight"], before["patch_embed.proj.weight"])
+
+
+def test_cli_new_flags(tmp_path):
+    args = ["--synthetic", "4", "--crop", "64", "--batch-size", "2", "--steps", "3", "--lr", "1e-3",
+            "--lmbda", "0.0483", "--run-dir", str(tmp_path), "--no-progress", "--threads", "1", "--device", "cpu",
+            "--schedule-unit", "epoch", "--steps-per-epoch", "2", "--checkpoint-every", "1", "--precision", "fp32",
+            "--no-flip", *[f"--model-set={k}={v}" for k, v in
+                           (("embed_dim", 8), ("depths", "[1,1,1,1]"), ("num_heads", "[1,2,2,4]"),
+                            ("num_slices", 4))]]
+    row = train_mod.main(args)
+    assert row["step"] == 3 and row["epoch"] == 2
+    saved = load_checkpoint(tmp_path / "last.pt")["train_config"]
+    assert (saved["schedule_unit"], saved["checkpoint_every"], saved["steps_per_epoch"]) == ("epoch", 1, 2)

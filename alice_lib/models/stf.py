@@ -17,15 +17,20 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from compressai.ans import BufferedRansEncoder, RansDecoder
-from compressai.entropy_models import EntropyBottleneck, GaussianConditional
-from compressai.layers import conv3x3, subpel_conv3x3
-from compressai.models.base import CompressionModel
-from compressai.models.utils import conv
-from compressai.ops import quantize_ste
-from torch import Tensor, nn
 
-from .swin import PatchEmbed, PatchMerging, PatchSplit, SwinStage
+from ._compressai import lean_compressai
+
+lean_compressai()  # before the first compressai import: skips its dataset and point-cloud imports
+
+from compressai.ans import BufferedRansEncoder, RansDecoder  # noqa: E402
+from compressai.entropy_models import EntropyBottleneck, GaussianConditional  # noqa: E402
+from compressai.layers import conv3x3, subpel_conv3x3  # noqa: E402
+from compressai.models.base import CompressionModel  # noqa: E402
+from compressai.models.utils import conv  # noqa: E402
+from compressai.ops import quantize_ste  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from .swin import PatchEmbed, PatchMerging, PatchSplit, SwinStage  # noqa: E402
 
 # Slice-transform widths of the published model (224-176-128-64) in units of latent_channels / 24.
 _SLICE_TRANSFORM_WIDTHS = (14, 11, 8, 4)
@@ -234,6 +239,17 @@ class SymmetricalTransFormer(CompressionModel):
         lrp = self.lrp_transforms[index](torch.cat([mean_support, y_hat_slice], dim=1))
         return y_hat_slice + 0.5 * torch.tanh(lrp)
 
+    def _scale_indexes(self, scale: Tensor) -> Tensor:
+        """Index into the scale table of each scale: CompressAI's ``build_indexes`` in one search.
+
+        ``build_indexes`` counts, for each of the 63 table entries, which scales are at
+        most that entry (63 passes over the slice); the count of entries below the
+        bounded scale is the same integer, found by binary search.
+        """
+        gc = self.gaussian_conditional
+        scale = gc.lower_bound_scale(scale)
+        return torch.searchsorted(gc.scale_table[:-1].contiguous(), scale.contiguous()).int()
+
     def _hyper_decode(self, z_hat: Tensor) -> tuple[Tensor, Tensor]:
         return self.h_mean_s(z_hat), self.h_scale_s(z_hat)
 
@@ -259,11 +275,22 @@ class SymmetricalTransFormer(CompressionModel):
         return {"x_hat": x_hat, "likelihoods": {"y": torch.cat(y_likelihoods, dim=1), "z": z_likelihoods}}
 
     def _coding_tables(self) -> tuple[list, list, list]:
+        """The Gaussian coder's tables as the lists rANS wants, converted once per table version.
+
+        Converting them costs ~10 ms a call; tiled coding calls once per tile. The cache
+        key changes whenever ``update()`` replaces or ``load_state_dict`` rewrites a table.
+        """
         gc = self.gaussian_conditional
         if gc._quantized_cdf.numel() == 0:
             raise RuntimeError("entropy tables are empty: call model.update() (or load an updated checkpoint)")
-        return (gc.quantized_cdf.tolist(), gc.cdf_length.reshape(-1).int().tolist(),
-                gc.offset.reshape(-1).int().tolist())
+        tables = (gc._quantized_cdf, gc._cdf_length, gc._offset)
+        key = tuple((t.data_ptr(), t._version) for t in tables)
+        cached = self.__dict__.get("_coding_tables_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, (gc.quantized_cdf.tolist(), gc.cdf_length.reshape(-1).int().tolist(),
+                            gc.offset.reshape(-1).int().tolist()))
+            self.__dict__["_coding_tables_cache"] = cached
+        return cached[1]
 
     @torch.no_grad()
     def compress(self, x: Tensor) -> dict:
@@ -287,8 +314,9 @@ class SymmetricalTransFormer(CompressionModel):
             mu, scale, mean_support = self._slice_parameters(index, latent_means, latent_scales, y_hat_slices)
             q = self.gaussian_conditional.quantize(y_slice, "symbols", mu)
             symbols.append(q.flatten(1))
-            indexes.append(self.gaussian_conditional.build_indexes(scale).flatten(1))
-            y_hat_slices.append(self._refine(index, mean_support, q + mu))
+            indexes.append(self._scale_indexes(scale).flatten(1))
+            if index < self.config.max_support_slices:  # later slices condition nothing: skip their LRP
+                y_hat_slices.append(self._refine(index, mean_support, q + mu))
 
         # One list conversion per image for the whole latent, not one per slice or symbol.
         symbols_all, indexes_all = torch.cat(symbols, 1).int(), torch.cat(indexes, 1).int()
@@ -321,7 +349,7 @@ class SymmetricalTransFormer(CompressionModel):
         y_hat_slices: list[Tensor] = []
         for index in range(self.config.num_slices):
             mu, scale, mean_support = self._slice_parameters(index, latent_means, latent_scales, y_hat_slices)
-            idx = self.gaussian_conditional.build_indexes(scale).flatten(1).int().tolist()
+            idx = self._scale_indexes(scale).flatten(1).tolist()
             values = [dec.decode_stream(i, cdf, cdf_lengths, offsets) for dec, i in zip(decoders, idx)]
             q = torch.tensor(values, dtype=torch.int32, device=mu.device).view(mu.shape)
             y_hat_slice = self.gaussian_conditional.dequantize(q, mu)

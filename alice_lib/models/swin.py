@@ -13,10 +13,61 @@ do not rename them.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import Tensor, nn
+
+
+@torch.no_grad()
+def trunc_normal_(tensor: Tensor, std: float, bound: float = 2.0) -> Tensor:
+    """Fill with N(0, std^2) truncated to [-bound, bound] by inverse-CDF sampling, in place.
+
+    The sampling order of the Swin / STF reference initialisation (one uniform draw per
+    value), so that seeded models initialise exactly as they did with timm.
+    """
+    cdf = 0.5 * (1 + math.erf(bound / std / math.sqrt(2)))
+    tensor.uniform_(1 - 2 * cdf, 2 * cdf - 1).erfinv_().mul_(std * math.sqrt(2)).clamp_(-bound, bound)
+    return tensor
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero a whole sample's residual branch with probability ``p``.
+
+    Defined here rather than imported from timm, whose import (torchvision, dynamo)
+    costs seconds of every command's start-up; the arithmetic is the usual one
+    (keep with probability ``1 - p``, scale the kept samples by ``1 / (1 - p)``).
+    """
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask.div_(keep) if keep > 0 else x * mask
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Mlp(nn.Module):
+    """The Swin MLP: ``fc2(drop(GELU(fc1(x))))``; ``fc1`` / ``fc2`` are checkpoint (and adapter) names."""
+
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
 def window_partition(x: Tensor, window: int) -> Tensor:
@@ -61,18 +112,25 @@ class WindowAttention(nn.Module):
         trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Attention of ``[B * nW, n, C]`` windows; ``mask`` ``[nW, n, n]`` (0 / -100) for shifted windows.
+
+        PyTorch's fused scaled-dot-product attention, with the relative position bias
+        (and the shift mask) as its additive mask: one kernel instead of five passes
+        over the ``n x n`` scores.
+        """
         bw, n, c = x.shape
-        qkv = self.qkv(x).reshape(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
-        attn = q @ k.transpose(-2, -1)
+        heads = self.num_heads
+        qkv = self.qkv(x).reshape(bw, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        attn = attn + bias.view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
-        if mask is not None:
+        bias = bias.view(n, n, heads).permute(2, 0, 1)  # [heads, n, n]
+        if mask is not None:  # windows of one image share a mask: batch as [B, nW, heads, n, n]
             n_windows = mask.shape[0]
-            attn = attn.view(bw // n_windows, n_windows, self.num_heads, n, n) + mask[None, :, None]
-            attn = attn.view(bw, self.num_heads, n, n)
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        x = (attn @ v).transpose(1, 2).reshape(bw, n, c)
+            q, k, v = (t.reshape(bw // n_windows, n_windows, heads, n, -1) for t in (q, k, v))
+            bias = bias.unsqueeze(0) + mask.unsqueeze(1)
+        drop = self.attn_drop.p if self.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=drop, scale=self.scale)
+        x = x.reshape(bw, heads, n, -1).transpose(1, 2).reshape(bw, n, c)
         return self.proj_drop(self.proj(x))
 
 
@@ -87,7 +145,7 @@ class SwinBlock(nn.Module):
         self.attn = WindowAttention(dim, window, num_heads, qkv_bias, attn_drop, drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
     def forward(self, x: Tensor, h: int, w: int, mask: Tensor | None) -> Tensor:
         b, _, c = x.shape

@@ -1,5 +1,7 @@
 """Encoder / decoder complexity of built codecs: parameters, FLOPs, wall time, peak memory.
 
+Part of evaluation: the table ``05_figures`` draws (:func:`alice_lib.figures.plot_complexity_table`).
+
 :func:`measure_complexity` receives already-built models (e.g. ``{"STF": plain,
 "STF+ALICE": with_unmerged_adapters, "STF+MALICE": merged}``) and one image, and measures
 the *encoder* (``model.compress``: analysis transform, hyperprior, entropy parameters and
@@ -44,18 +46,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["COMPLEXITY_COLUMNS", "measure_complexity", "count_parameters", "part_parameters",
-           "count_flops", "time_runs", "peak_memory"]
+from ..utils import atomic_write, model_device
+from .coding import image_batch, run_decompress, synchronize
+
+__all__ = ["COMPLEXITY_COLUMNS", "measure_complexity", "part_parameters", "count_flops", "time_runs",
+           "peak_memory"]
 
 COMPLEXITY_COLUMNS = [
     "model", "part", "device", "height", "width", "params_total", "params", "flops", "gmacs",
     "time_ms", "time_ms_min", "time_ms_max", "repeats", "peak_mem_mib", "memory_kind",
 ]
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of (unique) parameters, optionally only those with ``requires_grad``."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def _is_entropy_model(module: nn.Module) -> bool:
@@ -94,11 +94,6 @@ def count_flops(run: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_runs(run: Callable[[], object], device: torch.device, repeats: int = 5, warmup: int = 1) -> list[float]:
     """Wall times in ms of ``repeats`` calls of ``run()`` after ``warmup`` untimed calls."""
     with torch.no_grad():
@@ -106,10 +101,10 @@ def time_runs(run: Callable[[], object], device: torch.device, repeats: int = 5,
             run()
         times = []
         for _ in range(repeats):
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             run()
-            _sync(device)
+            synchronize(device)
             times.append((time.perf_counter() - t0) * 1e3)
     return times
 
@@ -195,25 +190,6 @@ def peak_memory(run: Callable[[], object], device: torch.device) -> tuple[float,
     return math.nan, "unavailable"
 
 
-def _as_batch(image: Tensor, device: torch.device) -> Tensor:
-    if image.dtype == torch.uint8:
-        image = image.float().div(255)
-    if image.dim() == 3:
-        image = image.unsqueeze(0)
-    if image.dim() != 4 or image.shape[1] != 3:
-        raise ValueError(f"expected an image [3, H, W] or [1, 3, H, W], got {tuple(image.shape)}")
-    return image.to(device)
-
-
-def _decompress(model: nn.Module, enc: dict):
-    if "image_size" in enc:
-        try:
-            return model.decompress(enc["strings"], enc["shape"], enc["image_size"])
-        except TypeError:
-            pass
-    return model.decompress(enc["strings"], enc["shape"])
-
-
 def measure_complexity(
     models: Mapping[str, nn.Module],
     image: Tensor,
@@ -235,20 +211,17 @@ def measure_complexity(
     """
     rows = []
     for name, model in models.items():
-        try:
-            device = next(model.parameters()).device
-        except StopIteration:
-            device = torch.device("cpu")
+        device = model_device(model)
         model.eval()
         if update:
             model.update(force=True)
-        x = _as_batch(image, device)
+        x = image_batch(image, device)
         with torch.no_grad():
             enc = model.compress(x)
 
         parts = {"encoder": lambda m=model, x=x: m.compress(x),
-                 "decoder": lambda m=model, e=enc: _decompress(m, e)}
-        total = count_parameters(model)
+                 "decoder": lambda m=model, e=enc: run_decompress(m, e)}
+        total = sum(p.numel() for p in model.parameters())
         for part, run in parts.items():
             times = time_runs(run, device, repeats=repeats, warmup=warmup)  # warm caches first
             mem, kind = peak_memory(run, device) if memory else (math.nan, "not measured")
@@ -263,7 +236,5 @@ def measure_complexity(
             })
     df = pd.DataFrame(rows, columns=COMPLEXITY_COLUMNS)
     if out_path is not None:
-        out_path = Path(out_path)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(out_path, index=False)
+        atomic_write(out_path, lambda tmp: df.to_csv(tmp, index=False))
     return df

@@ -1,0 +1,599 @@
+"""The experiment's settings: a profile YAML loaded into typed, validated dataclasses.
+
+Every default and every check of a profile lives here, so that the pipeline, the
+``alice`` commands, the plan and the benchmarks read one object instead of
+re-reading nested dicts with their own ``.get(..., default)``. Sections:
+
+* ``model``       the STF size (:class:`~alice_lib.models.stf.STFConfig`), the LoRA layout, the loss metric
+* ``data``        where training / validation / test images come from and how many are asked for
+* ``anchor``      the frozen base model: its lambda, shipped weights, and the budget to train it
+* ``references``  where the fixed-rate curve comes from: published, trained from scratch, or fine-tunes
+* ``adaptation``  the methods trained per target lambda and their schedules (:class:`TrainingSettings`)
+* ``evaluation``  test sets, padding, BD-rate methods, whether curves include the anchor
+* ``complexity``  which model and image the complexity table measures
+
+plus the run-folder layout (:class:`RunLayout`) and the method names
+(:data:`TRAINING_MODES`, :data:`RESULT_LABEL`), each defined once.
+
+Overrides use dotted keys (``adapt.epochs=2``, ``data.train_images=8``,
+``targets=[0.0067]``); :func:`split_parameters` separates them from notebook
+parameters such as ``kodak_dir`` or ``anchor_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .lora import LoRAConfig
+from .models.stf import STFConfig
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROFILE_DIR = PACKAGE_DIR / "profiles"
+REPO_ROOT = PACKAGE_DIR.parent
+OUTPUT_ROOT_ENV = "ALICE_OUTPUT_ROOT"  # runs/ and reports/ go here instead of the repository (tests)
+
+# Method trained per target lambda -> the training mode of lora.mark_trainable / count_parameters.
+TRAINING_MODES: dict[str, str] = {"alice": "lora", "vanilla": "vanilla", "full": "full"}
+# How each trained method is labelled in results, tables and figures.
+RESULT_LABEL: dict[str, str] = {"alice": "alice", "vanilla": "vanilla", "full": "fixed-rate"}
+# Methods an evaluation can list: the trained ones by label, and MALICE (ALICE merged).
+# ``full-finetune`` is the ``full`` method when the fixed-rate curve comes from elsewhere.
+EVALUATED_METHODS = ("fixed-rate", "alice", "malice", "vanilla", "full-finetune")
+# Where the fixed-rate curve comes from (see ReferenceSettings).
+REFERENCE_SOURCES = ("finetune", "scratch", "published")
+SCHEDULES = ("cosine", "plateau", "constant")
+SCHEDULE_UNITS = ("step", "epoch")
+PRECISIONS = ("fp32", "bf16")
+VAL_SOURCES = ("held_out", "openimages-test", "folder")
+TRAIN_SOURCES = ("auto", "openimages")
+PADDINGS = ("reference", "replicate")  # reference: zeros, centred, to 128; replicate: edges, right/bottom, to 64
+BD_METHODS = ("cubic", "akima")
+CLASSICAL = ("jpeg", "webp", "avif")
+
+# Notebook parameters that are not profile settings (``alice run -p KEY=VALUE``).
+NOTEBOOK_PARAMETERS = ("kodak_dir", "train_dir", "val_dir", "anchor_checkpoint", "reference_checkpoints",
+                       "allow_download", "lmbda", "method", "overrides")
+
+
+class SettingsError(ValueError):
+    """A profile or override that cannot describe an experiment; the message names the key."""
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class TrainingSettings:
+    """One training schedule (the anchor's, or one adaptation method's).
+
+    Length is ``epochs`` over the training images found (converted to steps by
+    :meth:`steps_for`) or a fixed ``steps`` count, never both: a step count that
+    disagrees with the data is how the paper profile once ran 3,000 passes.
+    ``batch_size`` is global: the number of images per optimiser step, whatever the
+    number of processes.
+    """
+
+    lr: float
+    batch_size: int
+    crop: int
+    epochs: int | None = None
+    steps: int | None = None
+    schedule: str = "cosine"
+    schedule_unit: str = "step"
+    flip: bool = True
+    seed: int = 0
+    checkpoint_every: int | None = None
+    precision: str = "fp32"
+    tf32: bool = False
+    num_workers: int | None = None  # None: the training loop decides (0 on a CPU, workers on a GPU)
+    validate_every: int | None = None  # with ``steps``: validate and log every N steps instead of every pass
+
+    def __post_init__(self) -> None:
+        if (self.epochs is None) == (self.steps is None):
+            raise SettingsError("give exactly one of epochs and steps")
+        if self.validate_every is not None and self.epochs is not None:
+            raise SettingsError("validate_every goes with steps; with epochs validation is once per epoch")
+        for name in ("epochs", "steps", "batch_size", "crop", "checkpoint_every", "validate_every"):
+            value = getattr(self, name)
+            if value is not None and (int(value) != value or value <= 0):
+                raise SettingsError(f"{name} must be a positive integer, got {value!r}")
+        if not float(self.lr) > 0:
+            raise SettingsError(f"lr must be positive, got {self.lr!r}")
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("schedule_unit", self.schedule_unit, SCHEDULE_UNITS)
+        _choice("precision", self.precision, PRECISIONS)
+        if self.schedule_unit == "epoch" and self.epochs is None:
+            raise SettingsError("schedule_unit: epoch needs the length in epochs")
+
+    def steps_per_epoch(self, n_train: int) -> int:
+        """Optimiser steps in one pass over ``n_train`` images at the global batch (last partial batch dropped)."""
+        per_epoch = int(n_train) // self.batch_size
+        if per_epoch == 0:
+            raise SettingsError(f"{n_train} training images are fewer than one batch of {self.batch_size}")
+        return per_epoch
+
+    def steps_for(self, n_train: int) -> int:
+        """Total optimiser steps: ``epochs * (n_train // batch_size)``, or the fixed ``steps``."""
+        if self.steps is not None:
+            return int(self.steps)
+        return int(self.epochs) * self.steps_per_epoch(n_train)
+
+    def epochs_for(self, n_train: int) -> float:
+        """Passes over the data the run makes (fractional for a fixed step count)."""
+        if self.epochs is not None:
+            return float(self.epochs)
+        return self.steps / max(1, int(n_train) // self.batch_size)
+
+    def train_config(self, lmbda: float, metric: str, n_train: int):
+        """The :class:`~alice_lib.train.TrainConfig` of this schedule for ``n_train`` training images."""
+        from .train import TrainConfig
+
+        return TrainConfig(lmbda=float(lmbda), steps=self.steps_for(n_train), batch_size=self.batch_size,
+                           lr=float(self.lr), schedule=self.schedule, schedule_unit=self.schedule_unit,
+                           steps_per_epoch=self.steps_per_epoch(n_train) if self.epochs is not None
+                           else self.validate_every,
+                           metric=metric, seed=self.seed, num_workers=self.num_workers,
+                           checkpoint_every=self.checkpoint_every, precision=self.precision, tf32=self.tf32)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The STF size, the adapters' layout and the distortion metric of the loss."""
+
+    stf: STFConfig = field(default_factory=STFConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    metric: str = "mse"
+
+    def __post_init__(self) -> None:
+        _choice("metric", self.metric, ("mse", "ms-ssim"))
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Where images come from and how many are asked for.
+
+    ``train_images``: at most this many training images (the OpenImages download
+    count); None uses every image found. ``val_source``: ``held_out`` takes the last
+    ``val_images`` of the training folder (a CPU choice), ``openimages-test`` the
+    OpenImages test split (the reference), ``folder`` the folder ``val_dir``.
+    ``cache``: keep decoded images in memory (None: decided by the folder's size).
+    """
+
+    kodak_dir: str | None = None
+    train_dir: str | None = None
+    train_source: str = "auto"
+    train_images: int | None = None
+    val_source: str = "held_out"
+    val_dir: str | None = None
+    val_images: int = 0
+    val_crop: int = 256
+    cache: bool | None = None
+
+    def __post_init__(self) -> None:
+        _choice("train_source", self.train_source, TRAIN_SOURCES)
+        _choice("val_source", self.val_source, VAL_SOURCES)
+        if self.train_images is not None and self.train_images <= 0:
+            raise SettingsError(f"train_images must be positive or null, got {self.train_images}")
+        if self.val_images < 0:
+            raise SettingsError(f"val_images must be >= 0, got {self.val_images}")
+        if self.val_source == "folder" and not self.val_dir:
+            raise SettingsError("val_source: folder needs val_dir")
+
+
+@dataclass(frozen=True)
+class AnchorSettings:
+    """The frozen base: its lambda, the weights a profile ships, the budget to train it when absent."""
+
+    lmbda: float
+    train: TrainingSettings
+    weights: str | None = None
+
+    @property
+    def shipped_weights(self) -> Path | None:
+        return PACKAGE_DIR / "weights" / self.weights if self.weights else None
+
+
+@dataclass(frozen=True)
+class ReferenceSettings:
+    """Where the fixed-rate reference at each target lambda comes from.
+
+    * ``finetune``: the ``full`` method (every weight fine-tuned from the anchor) stands in
+      for it, labelled ``fixed-rate``.
+    * ``scratch``: one model per target trained from random weights with exactly the
+      anchor's recipe (``anchor.train``), as the paper's references are; the profile may
+      ship them (``weights``, a file-name pattern with ``{lmbda}`` in ``alice_lib/weights``).
+      A ``full`` method, if listed, is then its own curve, ``full-finetune``.
+    * ``published``: checkpoints passed as ``reference_checkpoints`` (the paper profile).
+    """
+
+    source: str = "finetune"
+    weights: str | None = None
+
+    def __post_init__(self) -> None:
+        _choice("references.source", self.source, REFERENCE_SOURCES)
+        if self.weights is not None and "{lmbda}" not in self.weights:
+            raise SettingsError("references.weights must contain '{lmbda}', e.g. cpu_fixed_{lmbda}.safetensors")
+
+    def shipped_weights(self, lmbda: float) -> Path | None:
+        """The file the profile ships for ``lmbda`` (it may not exist yet), or None."""
+        if self.weights is None:
+            return None
+        return PACKAGE_DIR / "weights" / self.weights.format(lmbda=lmbda_tag(lmbda))
+
+
+@dataclass(frozen=True)
+class EpochCheck:
+    """After each epoch, code ``images`` Kodak images (None: all) with real bitstreams into a CSV."""
+
+    enabled: bool = False
+    images: int | None = None
+
+
+@dataclass(frozen=True)
+class AdaptationSettings:
+    """The methods trained at each target lambda, each with its resolved schedule."""
+
+    methods: tuple[str, ...]
+    schedules: Mapping[str, TrainingSettings]
+    epoch_check: EpochCheck = field(default_factory=EpochCheck)
+
+    def __post_init__(self) -> None:
+        for method in self.methods:
+            _choice("adapt.methods", method, tuple(TRAINING_MODES))
+
+    def training(self, method: str) -> TrainingSettings:
+        """The schedule of one method (the section's common keys with the method's own on top)."""
+        _choice("method", method, tuple(TRAINING_MODES))
+        return self.schedules[method]
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """What the evaluation codes and how it compares.
+
+    ``curves_include_anchor``: whether the anchor's point joins every method's RD
+    curve (False in the reference: a curve is the method's adapted models only).
+    """
+
+    datasets: tuple[str, ...] = ("kodak",)
+    max_images: int | None = None
+    methods: tuple[str, ...] = EVALUATED_METHODS
+    classical: tuple[str, ...] = CLASSICAL
+    qualities: Mapping[str, tuple[int, ...]] | None = None
+    published_points: bool = False
+    padding: str = "replicate"
+    bd_methods: tuple[str, ...] = ("akima",)
+    curves_include_anchor: bool = True
+
+    def __post_init__(self) -> None:
+        _choice("eval.padding", self.padding, PADDINGS)
+        if not self.bd_methods:
+            raise SettingsError("eval.bd_methods must name at least one of " + ", ".join(BD_METHODS))
+        for name in self.bd_methods:
+            _choice("eval.bd_methods", name, BD_METHODS)
+        for name in self.methods:
+            _choice("eval.methods", name, EVALUATED_METHODS)
+        for name in self.classical:
+            _choice("eval.classical", name, CLASSICAL)
+
+
+@dataclass(frozen=True)
+class ComplexitySettings:
+    """``model: published`` measures the full-size STF, ``profile`` the profile's own size."""
+
+    model: str = "profile"
+    image: str = "kodim01.png"
+    repeats: int = 3
+
+    def __post_init__(self) -> None:
+        _choice("complexity.model", self.model, ("published", "profile"))
+
+
+# ----------------------------------------------------------------------------- the experiment
+@dataclass(frozen=True)
+class Settings:
+    """A whole experiment. ``raw`` is the profile as a dict after overrides (read-only use)."""
+
+    name: str
+    model: ModelSettings
+    data: DataSettings
+    anchor: AnchorSettings
+    targets: tuple[float, ...]
+    adaptation: AdaptationSettings
+    evaluation: EvaluationSettings
+    complexity: ComplexitySettings
+    references: ReferenceSettings = field(default_factory=ReferenceSettings)
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    source: str = ""
+
+    def __getitem__(self, key: str) -> Any:
+        """Section access by name, for code written against the profile dicts (``spec["targets"]``)."""
+        return self.raw[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.raw.get(key, default)
+
+    def result_label(self, method: str) -> str:
+        """How a trained method is labelled in results: ``full`` is the fixed-rate curve only when
+        the references are fine-tunes (``references.source: finetune``)."""
+        _choice("method", method, tuple(TRAINING_MODES))
+        if method == "full" and self.references.source != "finetune":
+            return "full-finetune"
+        return RESULT_LABEL[method]
+
+    def trains_references(self) -> bool:
+        """Whether 02_fixed_rate trains fixed-rate references from scratch (none shipped for some target)."""
+        if self.references.source != "scratch":
+            return False
+        return any(not (p := self.references.shipped_weights(t)) or not p.exists() for t in self.targets)
+
+    @property
+    def lmbdas(self) -> tuple[float, ...]:
+        """Every lambda of the experiment: the anchor's and the targets, ascending."""
+        return tuple(sorted({self.anchor.lmbda, *self.targets}))
+
+
+# ----------------------------------------------------------------------------- the run folder
+def lmbda_tag(lmbda: float) -> str:
+    """A lambda as it appears in file names (``0.0067``)."""
+    return f"{float(lmbda):g}"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Every path of a run folder (``runs/<profile>/``), so no module rebuilds one::
+
+        data.json                           which folders were used, and the counts found
+        models/anchor.safetensors           the frozen base at the anchor lambda
+        models/fixed-rate-<l>.safetensors   fixed-rate references: published, shipped or trained here
+        train/fixed-rate-<l>/               training folder of a model trained here from scratch (anchor, references)
+        rates/<method>-<l>/                 train/ (last.pt, best.pt, metrics.csv), epoch_check.csv,
+                                            adapters.safetensors (alice) or model.safetensors (others)
+        eval/                               results.csv, classical.csv, summary.csv, JSON, bd_rate.csv
+        notebooks/                          the executed notebooks
+    """
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def data_json(self) -> Path:
+        return self.root / "data.json"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def anchor(self) -> Path:
+        return self.models_dir / "anchor.safetensors"
+
+    def fixed_rate(self, lmbda: float) -> Path:
+        return self.models_dir / f"fixed-rate-{lmbda_tag(lmbda)}.safetensors"
+
+    def anchor_training(self, lmbda: float) -> Path:
+        return self.root / "train" / f"fixed-rate-{lmbda_tag(lmbda)}"
+
+    def rate_dir(self, method: str, lmbda: float) -> Path:
+        return self.root / "rates" / f"{method}-{lmbda_tag(lmbda)}"
+
+    def rate_training(self, method: str, lmbda: float) -> Path:
+        return self.rate_dir(method, lmbda) / "train"
+
+    def rate_artifact(self, method: str, lmbda: float) -> Path:
+        """ALICE stores only its adapters; vanilla and full store whole weights."""
+        name = "adapters.safetensors" if method == "alice" else "model.safetensors"
+        return self.rate_dir(method, lmbda) / name
+
+    def trained_artifacts(self, method: str) -> list[Path]:
+        """The artefacts of ``method`` present in the folder, any lambda (sorted by folder name)."""
+        return sorted((self.root / "rates").glob(f"{method}-*/{self.rate_artifact(method, 1.0).name}"))
+
+    def epoch_check(self, method: str, lmbda: float) -> Path:
+        return self.rate_dir(method, lmbda) / "epoch_check.csv"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def notebooks_dir(self) -> Path:
+        return self.root / "notebooks"
+
+
+def output_root() -> Path:
+    """Where ``runs/`` and ``reports/`` go: ``$ALICE_OUTPUT_ROOT`` (tests use a fresh one) or the repository."""
+    return Path(os.environ.get(OUTPUT_ROOT_ENV) or REPO_ROOT)
+
+
+def default_run_dir(name: str) -> Path:
+    return output_root() / "runs" / name
+
+
+def default_reports_dir(name: str) -> Path:
+    return output_root() / "reports" / name
+
+
+# ----------------------------------------------------------------------------- loading
+def profile_path(profile: str | os.PathLike) -> Path:
+    """A profile name (``smoke``, ``cpu``, ``paper``) or a YAML path, as a path that exists."""
+    path = Path(profile)
+    if not path.suffix:
+        path = PROFILE_DIR / f"{profile}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml") if not p.stem.startswith("lora_"))
+        raise SettingsError(f"unknown profile {profile!r}: no {path} (known: {', '.join(known)})")
+    return path
+
+
+def load_settings(profile: str | os.PathLike | Mapping | Settings,
+                  overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Load, override and validate a profile; a :class:`Settings` passes through (with overrides applied)."""
+    if isinstance(profile, Settings):
+        raw, source = copy.deepcopy(dict(profile.raw)), profile.source
+    elif isinstance(profile, Mapping):
+        raw, source = copy.deepcopy(dict(profile)), "<dict>"
+    else:
+        path = profile_path(profile)
+        raw, source = yaml.safe_load(path.read_text()) or {}, str(path)
+    raw = _migrate(raw)
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    try:
+        return _build(raw, source)
+    except (TypeError, ValueError) as error:  # SettingsError, and the models' own config checks
+        raise SettingsError(f"profile {source}: {error}") from error
+
+
+def split_parameters(parameters: Mapping[str, Any] | None) -> tuple[dict, dict]:
+    """``(overrides, notebook_parameters)`` from ``-p KEY=VALUE`` pairs.
+
+    Dotted keys and top-level profile keys (``targets``) are settings overrides;
+    the rest are notebook parameters (:data:`NOTEBOOK_PARAMETERS`).
+    """
+    overrides, notebook = {}, {}
+    for key, value in (parameters or {}).items():
+        if "." in key or key in _SECTIONS:
+            overrides[key] = value
+        elif key in NOTEBOOK_PARAMETERS:
+            notebook[key] = value
+        else:
+            raise SettingsError(f"unknown parameter {key!r}: use a dotted setting (e.g. adapt.epochs=2) or one of "
+                                f"{', '.join(NOTEBOOK_PARAMETERS)}")
+    return overrides, notebook
+
+
+_SECTIONS = ("name", "model", "lora", "metric", "data", "anchor", "references", "targets", "adapt", "eval",
+             "complexity")
+_TRAINING_KEYS = {f.name for f in fields(TrainingSettings)}
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise SettingsError(f"{name}: {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    """``raw[a][b] = value`` for ``key = "a.b"`` (intermediate sections created)."""
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise SettingsError(f"override {key!r}: {part!r} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def _migrate(raw: dict) -> dict:
+    """Older profile keys in their current place: validation was in ``anchor.train``, the count was
+    ``data.max_train_images`` (profiles written before the typed settings keep working)."""
+    raw = dict(raw)
+    data = dict(raw.get("data") or {})
+    anchor = dict(raw.get("anchor") or {})
+    train = dict(anchor.get("train") or {})
+    for old, new in (("val_images", "val_images"), ("val_crop", "val_crop")):
+        if old in train:
+            data.setdefault(new, train.pop(old))
+    if "max_train_images" in data:
+        data.setdefault("train_images", data.pop("max_train_images"))
+    if "train" in data:
+        data.setdefault("train_dir", data.pop("train"))
+    if "kodak" in data:
+        data.setdefault("kodak_dir", data.pop("kodak"))
+    anchor["train"] = train
+    raw.update(data=data, anchor=anchor)
+    return raw
+
+
+def _build(raw: dict, source: str) -> Settings:
+    unknown = set(raw) - set(_SECTIONS)
+    if unknown:
+        raise SettingsError(f"unknown sections {sorted(unknown)}")
+    for key in ("name", "anchor", "targets", "adapt"):
+        if key not in raw:
+            raise SettingsError(f"lacks the section {key!r}")
+    model = ModelSettings(stf=STFConfig(**(raw.get("model") or {})), lora=_lora(raw.get("lora", "lora_8_8.yaml")),
+                          metric=raw.get("metric", "mse"))
+    anchor = dict(raw["anchor"])
+    anchor_settings = AnchorSettings(lmbda=float(anchor.pop("lmbda")), weights=anchor.pop("weights", None),
+                                     train=_training("anchor.train", anchor.pop("train")))
+    _no_extra("anchor", anchor)
+    targets = tuple(float(t) for t in raw["targets"])
+    if not targets or any(t <= 0 for t in targets):
+        raise SettingsError(f"targets must be positive lambdas, got {raw['targets']!r}")
+    return Settings(name=str(raw["name"]), model=model, data=_section(DataSettings, "data", raw.get("data")),
+                    anchor=anchor_settings, targets=targets, adaptation=_adaptation(raw["adapt"]),
+                    evaluation=_evaluation(raw.get("eval") or {}),
+                    complexity=_section(ComplexitySettings, "complexity", raw.get("complexity")),
+                    references=_section(ReferenceSettings, "references", raw.get("references")),
+                    raw=raw, source=source)
+
+
+def _lora(spec: str | Mapping) -> LoRAConfig:
+    if isinstance(spec, Mapping):
+        return LoRAConfig.from_dict(dict(spec))
+    return LoRAConfig.from_yaml(PROFILE_DIR / spec if not Path(spec).is_absolute() else spec)
+
+
+def _no_extra(section: str, leftover: Mapping) -> None:
+    if leftover:
+        raise SettingsError(f"{section}: unknown keys {sorted(leftover)}")
+
+
+def _section(cls, name: str, spec: Mapping | None):
+    """A flat section as its dataclass; unknown keys are an error, not silently ignored."""
+    spec = dict(spec or {})
+    known = {f.name for f in fields(cls)}
+    _no_extra(name, {k: v for k, v in spec.items() if k not in known})
+    return cls(**spec)
+
+
+def _training(name: str, spec: Mapping) -> TrainingSettings:
+    spec = dict(spec)
+    _no_extra(name, {k: v for k, v in spec.items() if k not in _TRAINING_KEYS})
+    try:
+        return TrainingSettings(**spec)
+    except TypeError as error:
+        raise SettingsError(f"{name}: {error}") from error
+    except SettingsError as error:
+        raise SettingsError(f"{name}: {error}") from error
+
+
+def _adaptation(spec: Mapping) -> AdaptationSettings:
+    spec = dict(spec)
+    methods = tuple(spec.pop("methods", tuple(TRAINING_MODES)))
+    per_method = {m: dict(spec.pop(m) or {}) for m in TRAINING_MODES if m in spec}
+    check = spec.pop("epoch_check", {}) or {}
+    check = EpochCheck(**check) if isinstance(check, Mapping) else EpochCheck(enabled=bool(check))
+    # Every method gets a schedule, listed or not: a notebook may train one the profile does not list.
+    schedules = {m: _training(f"adapt.{m}", {**spec, **per_method.get(m, {})}) for m in TRAINING_MODES}
+    return AdaptationSettings(methods=methods, schedules=schedules, epoch_check=check)
+
+
+def _evaluation(spec: Mapping) -> EvaluationSettings:
+    spec = dict(spec)
+    for key in ("datasets", "methods", "classical", "bd_methods"):
+        if key in spec:
+            spec[key] = tuple(spec[key])
+    if spec.get("qualities") is not None:
+        spec["qualities"] = {k: tuple(v) for k, v in spec["qualities"].items()}
+    return _section(EvaluationSettings, "eval", spec)
+
+
+__all__ = [
+    "Settings", "ModelSettings", "DataSettings", "AnchorSettings", "TrainingSettings", "AdaptationSettings",
+    "EpochCheck", "EvaluationSettings", "ComplexitySettings", "ReferenceSettings", "REFERENCE_SOURCES", "RunLayout",
+    "SettingsError", "load_settings",
+    "split_parameters", "profile_path", "lmbda_tag", "default_run_dir", "default_reports_dir", "output_root",
+    "TRAINING_MODES", "RESULT_LABEL", "EVALUATED_METHODS", "PROFILE_DIR", "REPO_ROOT", "PACKAGE_DIR",
+]

@@ -1,0 +1,66 @@
+"""``alice plan``'s work list and ``alice run``'s progress: units of work, and an ETA that learns."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from alice_lib.planning import Costs, Progress, format_seconds, make_plan
+
+
+@pytest.fixture
+def smoke_plan(tmp_path):
+    costs = Costs("test", {"alice": 1.0, "vanilla": 1.0, "full": 2.0}, image_seconds=3.0, classical_image_seconds=0.1,
+                  complexity_seconds=10.0, measured=True)
+    return make_plan("smoke", {}, run_dir=tmp_path / "run", costs=costs, requested_only=True)
+
+
+def test_plan_lists_every_notebook_with_its_work(smoke_plan):
+    work = smoke_plan.work
+    assert [w.notebook for w in work][:2] == ["01_data", "02_fixed_rate"] and work[-1].notebook == "05_figures"
+    adapt = [w for w in work if w.notebook == "03_adapt"]
+    assert len(adapt) == 2 * 3 and all((w.unit, w.units) == ("step", 3) for w in adapt)
+    # 02_fixed_rate trains the anchor and, from scratch with its recipe, a reference per target (full steps)
+    assert work[1].units == 3 * 6 and work[1].work_seconds == pytest.approx(3 * 6 * 2.0)
+    assert len(work[1].watch) == 3 and smoke_plan.references == {"source": "scratch", "trained_here": [0.0067, 0.025],
+                                                                  "steps": 12}
+    evaluate = next(w for w in work if w.notebook == "04_evaluate")
+    assert evaluate.unit == "image" and evaluate.units == (1 + 2 * 5) * smoke_plan.data.kodak_images
+    assert smoke_plan.training_steps == 6 * 3 + 6 + 2 * 6
+
+
+def test_plan_skips_references_the_run_folder_has(tmp_path):
+    from alice_lib.settings import RunLayout
+
+    run = tmp_path / "run"
+    RunLayout(run).fixed_rate(0.0067).parent.mkdir(parents=True)
+    RunLayout(run).fixed_rate(0.0067).write_bytes(b"")
+    plan = make_plan("smoke", {}, run_dir=run, measure=False, requested_only=True)
+    assert plan.references["trained_here"] == [0.025]
+    finetune = make_plan("smoke", {"references.source": "finetune"}, run_dir=run, measure=False,
+                         requested_only=True)
+    assert finetune.references == {"source": "finetune", "trained_here": [], "steps": 0}
+    assert finetune.work[1].units == 6
+
+
+def test_progress_rescales_the_estimate_by_the_observed_speed(smoke_plan, tmp_path):
+    stream = io.StringIO()
+    progress = Progress(smoke_plan, tmp_path / "run", stream=stream)
+    first, second = smoke_plan.work[0], smoke_plan.work[1]
+    progress.start(0)
+    progress.finish(0, first.work_seconds + 7.0)  # 7 s to start a notebook on this machine
+    assert progress.overhead == pytest.approx(7.0)
+    progress.start(1)
+    progress.finish(1, 7.0 + 3 * second.work_seconds)  # the work ran 3x slower than planned
+    planned = first.work_seconds + second.work_seconds
+    assert progress._ratio() == pytest.approx((first.work_seconds + 3 * second.work_seconds) / planned)
+    progress.start(2)
+    progress.close()
+    text = stream.getvalue()
+    assert "03_adapt" in text and "steps" in text and "ETA" in text
+
+
+def test_format_seconds_reads_at_a_glance():
+    assert (format_seconds(40), format_seconds(725), format_seconds(3 * 3600 + 720)) == ("40 s", "12 min 5 s",
+                                                                                          "3 h 12 min")

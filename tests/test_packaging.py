@@ -28,4 +28,4 @@ def test_required_pins():
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     for pin in ("torch==2.14.1", "torchvision==0.29.1", "compressai==1.2.8", "numpy<2"):
         assert pin in deps
-    assert {_name(d) for d in deps} >= {"timm", "papermill", "pytorch-msssim", "matplotlib", "pandas", "pillow"}
+    assert {_name(d) for d in deps} >= {"papermill", "pytorch-msssim", "matplotlib", "pandas", "pillow"}

@@ -731,3 +731,20 @@ def thumbnail_grid(folder: str | os.PathLike, n: int = 24, *, columns: int = 6, 
     if title:
         figure.suptitle(title)
     return figure
+
+
+def resolve_validation(val_source: str, folder: str | os.PathLike | None = None, n_images: int | None = None,
+                       allow_download: bool = True) -> DataSource | None:
+    """The validation folder a profile's ``data.val_source`` names; None when it is held out of training.
+
+    ``folder`` (a user's folder) wins; otherwise ``openimages-test`` resolves the
+    OpenImages test split (``n_images`` of it) like :func:`resolve_openimages`.
+    """
+    if val_source == "held_out":
+        return None
+    if folder:
+        path = Path(folder).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"validation folder {path} does not exist")
+        return DataSource(path, "local", False, f"{count_images(path)} validation images")
+    return resolve_openimages("test", n_images or None, allow_download=allow_download)

@@ -38,7 +38,7 @@ from . import settings as settings_lib
 from .planning import ExperimentPlan, Progress, make_plan
 from .settings import (RESULT_LABEL, TRAINING_MODES, DataSettings, RunLayout, Settings, SettingsError,
                        TrainingSettings, lmbda_tag, load_settings, split_parameters)
-from .train import train
+from .train import TrainConfig, train
 from .utils import atomic_copy, atomic_write_bytes
 
 PACKAGE_DIR = settings_lib.PACKAGE_DIR
@@ -100,27 +100,14 @@ def prepare_data(profile, run_dir: str | Path, kodak: str | None = None, train_f
                                            n_images=spec.train_images or data_lib.OPENIMAGES_TRAIN_IMAGES,
                                            allow_download=allow_download),
     }
-    val = validation_source(spec, val_folder, allow_download)
+    val = data_lib.resolve_validation(spec.val_source, val_folder or spec.val_dir, spec.val_images,
+                                      allow_download=allow_download)
     if val is not None:
         sources["val"] = val
     record = {name: {"path": str(src.path), "kind": src.kind, "is_kodak": src.is_kodak, "note": src.note,
                      "images": data_lib.count_images(src.path)} for name, src in sources.items()}
     atomic_write_bytes(RunLayout(run_dir).data_json, json.dumps(record, indent=2).encode())
     return record
-
-
-def validation_source(spec: DataSettings, folder: str | None = None,
-                      allow_download: bool = True) -> data_lib.DataSource | None:
-    """The validation folder the settings ask for; None when validation is held out of the training folder."""
-    if spec.val_source == "held_out":
-        return None
-    chosen = folder or spec.val_dir
-    if chosen:
-        path = Path(chosen).expanduser()
-        if not path.is_dir():
-            raise FileNotFoundError(f"validation folder {path} does not exist")
-        return data_lib.DataSource(path, "local", False, f"{data_lib.count_images(path)} validation images")
-    return data_lib.resolve_openimages("test", spec.val_images or None, allow_download=allow_download)
 
 
 def data_sources(run_dir: str | Path) -> dict:
@@ -176,7 +163,8 @@ def train_from_scratch(profile, run_dir: str | Path, lmbda: float, out_path: Pat
     model = SymmetricalTransFormer(settings.model.stf)
     train_set, val_set = training_sets(settings, run_dir, schedule)
     folder = RunLayout(run_dir).anchor_training(lmbda)
-    train(model, train_set, folder, schedule.train_config(lmbda, settings.model.metric, len(train_set)),
+    config = TrainConfig.from_schedule(schedule, lmbda, settings.model.metric, len(train_set))
+    train(model, train_set, folder, config,
           val_data=val_set, progress=progress,
           extra_state={"model_config": settings.model.stf.to_dict(), "mode": "full", "lmbda": lmbda})
     return export_trained(folder, out_path)
@@ -298,7 +286,7 @@ def adapt(profile, run_dir: str | Path, lmbda: float, method: str, progress: boo
     if out.exists():
         return {**summary, "status": "already trained"}
     train_set, val_set = training_sets(settings, run_dir, schedule)
-    config = schedule.train_config(lmbda, settings.model.metric, len(train_set))
+    config = TrainConfig.from_schedule(schedule, lmbda, settings.model.metric, len(train_set))
     hook = epoch_check(settings, run_dir, model, method, lmbda) if settings.adaptation.epoch_check.enabled else None
     folder = layout.rate_training(method, lmbda)
     started = time.time()

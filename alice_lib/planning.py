@@ -233,10 +233,9 @@ def plan_data(settings: Settings, run_dir: Path | None, parameters: Mapping | No
         n_images=spec.train_images or data_lib.OPENIMAGES_TRAIN_IMAGES, allow_download=False))
     val_found, val_from = None, "held out of the training images"
     if spec.val_source != "held_out":
-        from .pipeline import validation_source
-
         val_found, val_from = _found(recorded.get("val"), requested_only, lambda: _quiet(
-            validation_source, spec, parameters.get("val_dir"), allow_download=False))
+            data_lib.resolve_validation, spec.val_source, parameters.get("val_dir") or spec.val_dir,
+            spec.val_images, allow_download=False))
     kodak_found, kodak_from = _found(recorded.get("kodak"), False, lambda: _quiet(
         data_lib.resolve_kodak, parameters.get("kodak_dir") or spec.kodak_dir, allow_download=False))
     present = train_found is not None

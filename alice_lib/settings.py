@@ -129,17 +129,6 @@ class TrainingSettings:
             return float(self.epochs)
         return self.steps / max(1, int(n_train) // self.batch_size)
 
-    def train_config(self, lmbda: float, metric: str, n_train: int):
-        """The :class:`~alice_lib.train.TrainConfig` of this schedule for ``n_train`` training images."""
-        from .train import TrainConfig
-
-        return TrainConfig(lmbda=float(lmbda), steps=self.steps_for(n_train), batch_size=self.batch_size,
-                           lr=float(self.lr), schedule=self.schedule, schedule_unit=self.schedule_unit,
-                           steps_per_epoch=self.steps_per_epoch(n_train) if self.epochs is not None
-                           else self.validate_every,
-                           metric=metric, seed=self.seed, num_workers=self.num_workers,
-                           checkpoint_every=self.checkpoint_every, precision=self.precision, tf32=self.tf32)
-
 
 @dataclass(frozen=True)
 class ModelSettings:

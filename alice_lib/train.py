@@ -122,6 +122,21 @@ class TrainConfig:
     plateau_patience: int = 4  # (validation loss, else the epoch's training loss)
     ddp_find_unused_parameters: bool = False
 
+    @classmethod
+    def from_schedule(cls, schedule, lmbda: float, metric: str, n_train: int) -> TrainConfig:
+        """The run of a :class:`~alice_lib.settings.TrainingSettings` schedule on ``n_train`` images.
+
+        Epoch-length schedules become steps from the data found (``epochs * (n_train //
+        batch)``, one validation per epoch); step-length ones validate every
+        ``validate_every`` steps (None: every pass over the data).
+        """
+        by_epoch = schedule.epochs is not None
+        return cls(lmbda=float(lmbda), steps=schedule.steps_for(n_train), batch_size=schedule.batch_size,
+                   lr=float(schedule.lr), schedule=schedule.schedule, schedule_unit=schedule.schedule_unit,
+                   steps_per_epoch=schedule.steps_per_epoch(n_train) if by_epoch else schedule.validate_every,
+                   metric=metric, seed=schedule.seed, num_workers=schedule.num_workers,
+                   checkpoint_every=schedule.checkpoint_every, precision=schedule.precision, tf32=schedule.tf32)
+
     def __post_init__(self) -> None:
         choices = {"optimizer": ("adam", "sgd"), "schedule": ("cosine", "plateau", "constant"),
                    "schedule_unit": ("step", "epoch"), "metric": ("mse", "ms-ssim"), "precision": ("fp32", "bf16")}

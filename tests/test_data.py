@@ -458,3 +458,14 @@ def test_dataset_summary_and_thumbnail_grid(tmp_path):
     assert len(thumbnail_grid(folder, n=2).axes) == 2
     figure.savefig(tmp_path / "grid.png", dpi=40)
     assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+def test_resolve_validation_held_out_folder_and_missing(tmp_path):
+    from alice_lib.data import resolve_validation
+
+    assert resolve_validation("held_out", tmp_path) is None  # held out of the training folder: no source
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_validation("folder", tmp_path / "absent")
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    source = resolve_validation("folder", tmp_path)
+    assert source.path == tmp_path and "1 validation images" in source.note

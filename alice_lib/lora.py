@@ -524,11 +524,7 @@ def read_adapter_factors(path: str | os.PathLike, model: nn.Module
     model's device)``. Refuses a file trained on other base weights, one whose tensors
     are not exactly those its config targets in ``model``, and shapes that do not fit.
     """
-    meta = read_adapter_metadata(path)
-    model_hash = base_weights_hash(model)
-    if model_hash != meta["base_hash"]:
-        raise ValueError(f"{path}: adapters trained on base weights {meta['base_hash']}, but the model's "
-                         f"base weights hash to {model_hash}; load the matching base model")
+    meta = _metadata_for(path, model)
     config: LoRAConfig = meta["config"]
     tensors = load_file(str(path))
     names = target_names(model, config)
@@ -547,17 +543,23 @@ def read_adapter_factors(path: str | os.PathLike, model: nn.Module
     return meta, tensors, factors
 
 
+def _metadata_for(path: str | os.PathLike, model: nn.Module) -> dict[str, Any]:
+    """An adapter file's metadata, refused unless it was trained on exactly ``model``'s base weights."""
+    meta = read_adapter_metadata(path)
+    model_hash = base_weights_hash(model)
+    if model_hash != meta["base_hash"]:
+        raise ValueError(f"{path}: these adapters were trained on base weights with hash {meta['base_hash']}, "
+                         f"but the model's base weights hash to {model_hash}; load the matching base model")
+    return meta
+
+
 def load_adapters(path: str | os.PathLike, model: nn.Module) -> dict[str, Any]:
     """Load an adapter file onto ``model`` (injecting adapters first if it has none).
 
     Refuses, before changing anything, when the model's base weights are not the
     ones the adapters were trained on. Returns :func:`read_adapter_metadata`.
     """
-    meta = read_adapter_metadata(path)
-    model_hash = base_weights_hash(model)
-    if model_hash != meta["base_hash"]:
-        raise ValueError(f"{path}: these adapters were trained on base weights with hash {meta['base_hash']}, "
-                         f"but the model's base weights hash to {model_hash}; load the matching base model")
+    meta = _metadata_for(path, model)
     config: LoRAConfig = meta["config"]
     if not has_lora(model):
         inject_lora(model, config)

@@ -1,0 +1,81 @@
+"""Where a model in training stands on Kodak: its RD point through real bitstreams, beside JPEG 4:4:4.
+
+For the CPU scale's long trainings (``reports/cpu/training/``): each checkpoint
+(``best.pt`` or ``last.pt`` of a training folder, read with ``weights_only=True``) codes
+the Kodak images; JPEG 4:4:4 codes them at a sweep of qualities, and its PSNR is
+interpolated (in log-rate) at the model's mean bpp. A positive ``vs_jpeg_db`` means the
+model beats JPEG at its own rate.
+
+    python benchmarks/checkpoint_kodak.py runs/cpu-training/fixed-rate-0.0483/best.pt [...] [--max-images 24]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from alice_lib.data import list_images, read_image
+from alice_lib.evaluation import code_image
+from alice_lib.evaluation.classical import code_classical
+from alice_lib.models.stf import STFConfig, SymmetricalTransFormer
+from alice_lib.train import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_KODAK = REPO.parent / "shared" / "data" / "kodak"
+JPEG_QUALITIES = (3, 5, 8, 10, 15, 20, 30, 40, 50, 65, 80, 90)
+
+
+def model_from_checkpoint(path: Path) -> tuple[SymmetricalTransFormer, dict]:
+    """The STF of a training checkpoint, ready to code, and its step / lambda."""
+    ckpt = load_checkpoint(path)
+    model = SymmetricalTransFormer(STFConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    model.eval().update(force=True)
+    return model, {"step": ckpt["step"], "lmbda": ckpt.get("lmbda")}
+
+
+def jpeg_curve(images: list[torch.Tensor]) -> pd.DataFrame:
+    """Mean bpp and PSNR of JPEG 4:4:4 over the images at each quality."""
+    rows = [{"quality": q, **code_classical(img, "jpeg", q)} for q in JPEG_QUALITIES for img in images]
+    return pd.DataFrame(rows).groupby("quality")[["bpp", "psnr"]].mean().sort_values("bpp")
+
+
+def jpeg_psnr_at(curve: pd.DataFrame, bpp: float) -> float:
+    """JPEG's PSNR at ``bpp``, interpolated linearly in log-rate (NaN outside its sweep)."""
+    log_rate = np.log(curve["bpp"].to_numpy())
+    if not log_rate[0] <= np.log(bpp) <= log_rate[-1]:
+        return float("nan")
+    return float(np.interp(np.log(bpp), log_rate, curve["psnr"].to_numpy()))
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoints", nargs="+", type=Path)
+    parser.add_argument("--kodak", type=Path, default=DEFAULT_KODAK)
+    parser.add_argument("--max-images", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    images = [read_image(p) for p in list_images(args.kodak)[:args.max_images]]
+    curve = jpeg_curve(images)
+    rows = []
+    for path in args.checkpoints:
+        model, info = model_from_checkpoint(path)
+        with torch.no_grad():
+            coded = pd.DataFrame([code_image(model, img, estimate_bpp=False) for img in images])
+        bpp, psnr = coded["bpp"].mean(), coded["psnr"].mean()
+        jpeg = jpeg_psnr_at(curve, bpp)
+        rows.append({"checkpoint": str(path), **info, "images": len(images), "bpp": bpp, "psnr": psnr,
+                     "jpeg_psnr_at_bpp": jpeg, "vs_jpeg_db": psnr - jpeg})
+    table = pd.DataFrame(rows)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -151,10 +151,6 @@ def anchor_path(run_dir: str | Path) -> Path:
     return RunLayout(run_dir).anchor
 
 
-def shipped_anchor(profile) -> Path | None:
-    return load_profile(profile).anchor.shipped_weights
-
-
 def train_from_scratch(profile, run_dir: str | Path, lmbda: float, out_path: Path, progress: bool = True) -> Path:
     """Train a fixed-rate STF of the profile's size at ``lmbda`` from random weights."""
     settings = load_profile(profile)
@@ -187,6 +183,13 @@ def export_trained(folder: str | Path, out_path: str | Path) -> Path:
     return path
 
 
+def _install_model(source: Path, out: Path, lmbda: float, config: STFConfig | None = None) -> Path:
+    """Copy a model file (published checkpoint or shipped weights) into the run folder, coder tables updated."""
+    model = load_stf(source, config=config)
+    model.update(force=True)
+    return save_stf(out, model, {"lmbda": float(lmbda), "source": str(source)})
+
+
 def prepare_anchor(profile, run_dir: str | Path, checkpoint: str | None = None, progress: bool = True) -> Path:
     """The frozen base model at the anchor lambda (02_fixed_rate), in ``models/anchor.safetensors``.
 
@@ -201,9 +204,7 @@ def prepare_anchor(profile, run_dir: str | Path, checkpoint: str | None = None, 
         return out
     source = Path(checkpoint) if checkpoint else settings.anchor.shipped_weights
     if source is not None and source.exists():
-        model = load_stf(source, config=None if checkpoint else settings.model.stf)
-        model.update(force=True)
-        return save_stf(out, model, {"lmbda": lmbda, "source": str(source)})
+        return _install_model(source, out, lmbda, config=None if checkpoint else settings.model.stf)
     if source is not None and checkpoint:
         raise PipelineError(f"anchor checkpoint {source} does not exist")
     return train_from_scratch(settings, run_dir, lmbda, out, progress=progress)
@@ -214,10 +215,7 @@ def published_references(profile, run_dir: str | Path, checkpoints: dict | None)
     done = {}
     layout = RunLayout(run_dir)
     for lmbda, path in (checkpoints or {}).items():
-        model = load_stf(path)
-        model.update(force=True)
-        done[float(lmbda)] = save_stf(layout.fixed_rate(float(lmbda)), model,
-                                      {"lmbda": float(lmbda), "source": str(path)})
+        done[float(lmbda)] = _install_model(Path(path), layout.fixed_rate(float(lmbda)), float(lmbda))
     return done
 
 
@@ -240,9 +238,7 @@ def prepare_references(profile, run_dir: str | Path, checkpoints: dict | None = 
         out = layout.fixed_rate(lmbda)
         shipped = settings.references.shipped_weights(lmbda)
         if not out.exists() and shipped is not None and shipped.exists():
-            model = load_stf(shipped, config=settings.model.stf)
-            model.update(force=True)
-            save_stf(out, model, {"lmbda": lmbda, "source": str(shipped)})
+            _install_model(shipped, out, lmbda, config=settings.model.stf)
         elif not out.exists():
             train_from_scratch(settings, run_dir, lmbda, out, progress=progress)
         done[lmbda] = out
@@ -411,11 +407,6 @@ def _eval_images(profile, run_dir: Path) -> Path:
     return subset
 
 
-def bd_rate_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """Deprecated: the BD table is :func:`alice_lib.evaluation.bd_table`, written by 04_evaluate."""
-    return evaluation.bd_table(summary)
-
-
 def parameter_rows(profile, full_size: bool = False) -> list[dict]:
     """Trainable, stored-per-rate and stored-for-all-rates counts for each method.
 
@@ -573,7 +564,7 @@ def _execute(pm, step: NotebookRun, kernel_name: str | None, bar: Progress) -> f
 __all__ = [
     "PipelineError", "load_profile", "model_config", "lora_config", "prepare_data", "data_sources",
     "prepare_anchor", "published_references", "prepare_references", "load_anchor", "adapt", "load_rate_model", "evaluate_run",
-    "bd_rate_table", "parameter_rows", "complexity_models", "notebook_runs", "run_pipeline", "published_points",
+    "parameter_rows", "complexity_models", "notebook_runs", "run_pipeline", "published_points",
     "RESULT_LABEL", "TRAINING_MODES", "lmbda_tag", "epoch_check", "training_sets", "RunLayout", "Settings",
 ]
 
@@ -590,7 +581,7 @@ def anchor_training_log(profile, run_dir: str | Path) -> Path | None:
     return shipped if shipped and shipped.exists() else None
 
 
-def write_report(profile: dict, run_dir: str | Path, reports_dir: str | Path) -> dict:
+def write_report(profile, run_dir: str | Path, reports_dir: str | Path) -> dict:
     """Tables and figures of a finished run into ``reports_dir`` (05_figures).
 
     The evaluation's tables are copied as 04_evaluate wrote them and the RD figures are
@@ -603,21 +594,23 @@ def write_report(profile: dict, run_dir: str | Path, reports_dir: str | Path) ->
         tables = evaluation.publish_tables(run_dir / "eval", reports_dir)
     except FileNotFoundError as error:
         raise PipelineError(str(error)) from error
-    spec = load_profile(profile).evaluation
+    settings = load_profile(profile)
+    spec = settings.evaluation
     plot_rd_curves(tables.summary, reports_dir, published=spec.published_points,
                    curves_include_anchor=spec.curves_include_anchor)
 
-    parameters = parameter_rows(profile, full_size=True) + parameter_rows(profile)
+    published_rows, profile_rows = parameter_rows(settings, full_size=True), parameter_rows(settings)
+    parameters = published_rows + profile_rows
     pd.DataFrame(parameters).to_csv(reports_dir / "parameters.csv", index=False)
-    plot_parameter_bars(parameter_rows(profile, full_size=True), reports_dir, stem="parameters")
-    plot_parameter_bars(parameter_rows(profile), reports_dir, stem=f"parameters_{profile['name']}")
+    plot_parameter_bars(published_rows, reports_dir, stem="parameters")
+    plot_parameter_bars(profile_rows, reports_dir, stem=f"parameters_{settings.name}")
 
-    cx = profile.get("complexity", {})
-    image_path = Path(data_sources(run_dir)["kodak"]["path"]) / cx.get("image", "kodim01.png")
+    cx = settings.complexity
+    image_path = Path(data_sources(run_dir)["kodak"]["path"]) / cx.image
     if not image_path.exists():
         image_path = data_lib.list_images(image_path.parent)[0]
-    complexity = evaluation.measure_complexity(complexity_models(profile), data_lib.read_image(image_path),
-                                               repeats=cx.get("repeats", 3), out_path=reports_dir / "complexity.csv")
+    complexity = evaluation.measure_complexity(complexity_models(settings), data_lib.read_image(image_path),
+                                               repeats=cx.repeats, out_path=reports_dir / "complexity.csv")
     plot_complexity_table(complexity, reports_dir)
     files = sorted(p for p in reports_dir.iterdir() if p.is_file())
     return {"files": files, "bd": tables.bd, "parameters": parameters, "complexity": complexity,

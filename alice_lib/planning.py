@@ -381,18 +381,12 @@ def _anchor_trains(settings: Settings, checkpoint: str | None = None, run_dir: P
 
 
 def _reference_runs(settings: Settings, n_train: int, run_dir: Path | None, notebook: Mapping) -> list[RunEntry]:
-    """The fixed-rate references 02_fixed_rate trains from scratch (``references.source: scratch``, not shipped,
-    not already in the run folder, no checkpoints given), each with the anchor's recipe."""
-    if settings.references.source != "scratch" or notebook.get("reference_checkpoints"):
+    """The fixed-rate references 02_fixed_rate trains from scratch, each with the anchor's recipe
+    (none when reference checkpoints are given)."""
+    if notebook.get("reference_checkpoints"):
         return []
-    runs = []
-    for lmbda in settings.targets:
-        shipped = settings.references.shipped_weights(lmbda)
-        if (shipped is not None and shipped.exists()) or \
-                (run_dir is not None and RunLayout(run_dir).fixed_rate(lmbda).exists()):
-            continue
-        runs.append(_entry("fixed-rate", lmbda, settings.anchor.train, n_train))
-    return runs
+    return [_entry("fixed-rate", lmbda, settings.anchor.train, n_train)
+            for lmbda in settings.references_to_train(run_dir)]
 
 
 def training_runs(settings: Settings, n_train: int, run_dir: Path | None = None) -> list[RunEntry]:

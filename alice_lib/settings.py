@@ -315,11 +315,15 @@ class Settings:
             return "full-finetune"
         return RESULT_LABEL[method]
 
-    def trains_references(self) -> bool:
-        """Whether 02_fixed_rate trains fixed-rate references from scratch (none shipped for some target)."""
+    def references_to_train(self, run_dir: str | os.PathLike | None = None) -> tuple[float, ...]:
+        """Targets whose reference 02_fixed_rate trains from scratch: ``references.source: scratch``,
+        no weights shipped for that lambda and none already in the run folder."""
         if self.references.source != "scratch":
-            return False
-        return any(not (p := self.references.shipped_weights(t)) or not p.exists() for t in self.targets)
+            return ()
+        layout = RunLayout(run_dir) if run_dir is not None else None
+        return tuple(t for t in self.targets
+                     if not ((p := self.references.shipped_weights(t)) and p.exists())
+                     and not (layout and layout.fixed_rate(t).exists()))
 
     @property
     def lmbdas(self) -> tuple[float, ...]:

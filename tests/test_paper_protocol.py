@@ -147,4 +147,5 @@ def test_reference_sources_and_labels():
     assert cpu.references.source == "finetune" and cpu.result_label("full") == "fixed-rate"
     scratch = load_settings("cpu", {"references.source": "scratch", "references.weights": "x_{lmbda}.safetensors"})
     assert scratch.references.shipped_weights(0.0067).name == "x_0.0067.safetensors"
-    assert scratch.trains_references()  # nothing of that name is shipped
+    assert scratch.references_to_train() == scratch.targets  # nothing of that name is shipped
+    assert cpu.references_to_train() == ()  # fine-tunes: nothing trained from scratch

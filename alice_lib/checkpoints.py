@@ -170,18 +170,34 @@ def load_stf(path: str | Path, config: STFConfig | None = None, *, update: bool 
     return model.eval()
 
 
-def save_stf(path: str | Path, model: SymmetricalTransFormer, metadata: dict | None = None) -> Path:
-    """Save weights as safetensors with the model configuration in the metadata (written atomically)."""
+def save_stf(path: str | Path, model: SymmetricalTransFormer, metadata: dict | None = None,
+             dtype: torch.dtype = torch.float32) -> Path:
+    """Save weights as safetensors with the model configuration in the metadata (written atomically).
+
+    ``dtype=torch.float16`` stores the floating-point weights in half precision (half
+    the bytes); call it on a model whose coder tables were built from those rounded
+    values (:func:`round_weights_`), so that encoder and decoder load the same numbers.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Coder tables are saved too: decoding then uses exactly the encoder's CDFs.
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous()
+               for k, v in model.state_dict().items()}
     meta = {"format": "alice-stf-v1", "model_config": json.dumps(model.config.to_dict())}
     meta.update({k: json.dumps(v) if not isinstance(v, str) else v for k, v in (metadata or {}).items()})
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     tmp.replace(path)
     return path
+
+
+def round_weights_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Round every floating-point parameter and buffer to ``dtype`` and back, in place."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.to(dtype))
+    return model
 
 
 def deterministic_weights_(model: nn.Module) -> nn.Module:

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from . import data as data_lib
-from .checkpoints import deterministic_weights_, load_stf, save_stf
+from .checkpoints import load_stf, save_stf
 from . import evaluation
 from .evaluation import published_points
 from .lora import (LoRAConfig, count_parameters, inject_lora, load_adapters, mark_trainable, merge_lora,
@@ -36,7 +36,7 @@ from .lora import (LoRAConfig, count_parameters, inject_lora, load_adapters, mar
 from .models.stf import STFConfig, SymmetricalTransFormer
 from . import settings as settings_lib
 from .planning import ExperimentPlan, Progress, make_plan
-from .settings import (RESULT_LABEL, TRAINING_MODES, DataSettings, RunLayout, Settings, SettingsError,
+from .settings import (RESULT_LABEL, TRAINING_MODES, RunLayout, Settings, SettingsError,
                        TrainingSettings, lmbda_tag, load_settings, split_parameters)
 from .train import TrainConfig, train
 from .utils import atomic_copy, atomic_write_bytes
@@ -428,29 +428,6 @@ def parameter_rows(profile, full_size: bool = False) -> list[dict]:
     return rows
 
 
-def complexity_models(profile) -> dict[str, SymmetricalTransFormer]:
-    """STF, STF+ALICE (unmerged) and STF+MALICE for the complexity table.
-
-    ``complexity.model: published`` uses the full-size STF with the conformance
-    weights rule (timing does not depend on the values); else the profile's size.
-    """
-    settings = load_profile(profile)
-    config = STFConfig() if settings.complexity.model == "published" else settings.model.stf
-    lora = settings.model.lora
-
-    def build(adapters: bool, merged: bool) -> SymmetricalTransFormer:
-        model = SymmetricalTransFormer(config)
-        if adapters:
-            inject_lora(model, lora)
-        deterministic_weights_(model)  # nonzero W_b, so the adapters really compute something
-        if merged:
-            merge_lora(model, strip=True)
-        model.eval().update(force=True)
-        return model
-
-    return {"STF": build(False, False), "STF+ALICE": build(True, False), "STF+MALICE": build(True, True)}
-
-
 # ----------------------------------------------------------------------------- driver
 @dataclass
 class NotebookRun:
@@ -564,7 +541,7 @@ def _execute(pm, step: NotebookRun, kernel_name: str | None, bar: Progress) -> f
 __all__ = [
     "PipelineError", "load_profile", "model_config", "lora_config", "prepare_data", "data_sources",
     "prepare_anchor", "published_references", "prepare_references", "load_anchor", "adapt", "load_rate_model", "evaluate_run",
-    "parameter_rows", "complexity_models", "notebook_runs", "run_pipeline", "published_points",
+    "parameter_rows", "notebook_runs", "run_pipeline", "published_points",
     "RESULT_LABEL", "TRAINING_MODES", "lmbda_tag", "epoch_check", "training_sets", "RunLayout", "Settings",
 ]
 
@@ -609,7 +586,7 @@ def write_report(profile, run_dir: str | Path, reports_dir: str | Path) -> dict:
     image_path = Path(data_sources(run_dir)["kodak"]["path"]) / cx.image
     if not image_path.exists():
         image_path = data_lib.list_images(image_path.parent)[0]
-    complexity = evaluation.measure_complexity(complexity_models(settings), data_lib.read_image(image_path),
+    complexity = evaluation.measure_complexity(evaluation.complexity_models(settings), data_lib.read_image(image_path),
                                                repeats=cx.repeats, out_path=reports_dir / "complexity.csv")
     plot_complexity_table(complexity, reports_dir)
     files = sorted(p for p in reports_dir.iterdir() if p.is_file())

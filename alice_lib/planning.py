@@ -344,14 +344,19 @@ def _step_seconds(model, criterion, batch: int, crop: int, steps: int, device: t
     return min(times[1:])
 
 
+# A published-size STF training step at batch 16 of 256 px crops, fp32, measured on one
+# NVIDIA H200 (median of 30 steps, benchmarks/gpu/paper_scale.py; reports/gpu/README.md).
+GPU_STEP_SECONDS = {"alice": 0.134, "vanilla": 0.109, "full": 0.151}
+
+
 def prior_costs(settings: Settings) -> Costs:
     """Costs without measuring (``--no-measure``): rough priors for this device kind, labelled as such."""
     kind = "cuda" if torch.cuda.is_available() else "cpu"
     scale = settings.model.stf.embed_dim ** 2 * sum(settings.model.stf.depths) / (48 ** 2 * 12)
-    base = 0.25 if kind == "cuda" else 30.0  # a published-size step at batch 16, 256 px
     steps = {}
     for m in settings.adaptation.methods:
         s = settings.adaptation.training(m)
+        base = GPU_STEP_SECONDS.get(m, GPU_STEP_SECONDS["full"]) if kind == "cuda" else 30.0
         steps[m] = base * scale * s.batch_size / 16 * (s.crop / 256) ** 2
     image = PUBLISHED_IMAGE_SECONDS[kind] * scale
     return Costs(device=_device_name(torch.device(kind)), step_seconds=steps,

@@ -18,9 +18,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from alice_lib.checkpoints import load_stf, read_checkpoint
 from alice_lib.data import list_images, read_image
 from alice_lib.evaluation import code_image
 from alice_lib.evaluation.classical import code_classical
+from alice_lib.lora import LoRAConfig, inject_lora, merge_lora
 from alice_lib.models.stf import STFConfig, SymmetricalTransFormer
 from alice_lib.train import load_checkpoint
 
@@ -30,10 +32,18 @@ JPEG_QUALITIES = (3, 5, 8, 10, 15, 20, 30, 40, 50, 65, 80, 90)
 
 
 def model_from_checkpoint(path: Path) -> tuple[SymmetricalTransFormer, dict]:
-    """The STF of a training checkpoint, ready to code, and its step / lambda."""
+    """The STF of a training checkpoint or a weights file, ready to code, and its step / lambda."""
+    if path.suffix == ".safetensors":
+        _, _, metadata = read_checkpoint(path)
+        return load_stf(path), {"step": metadata.get("step"), "lmbda": metadata.get("lmbda")}
     ckpt = load_checkpoint(path)
     model = SymmetricalTransFormer(STFConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    if ckpt.get("lora_config"):  # an ALICE run: adapters on the frozen anchor, coded merged (MALICE)
+        inject_lora(model, LoRAConfig.from_dict(ckpt["lora_config"]))
+        model.load_state_dict(ckpt["model"])
+        merge_lora(model, strip=True)
+    else:
+        model.load_state_dict(ckpt["model"])
     model.eval().update(force=True)
     return model, {"step": ckpt["step"], "lmbda": ckpt.get("lmbda")}
 

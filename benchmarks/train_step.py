@@ -1,4 +1,4 @@
-"""Training-step time and peak memory on CPU for LoRA, vanilla and full training (issue 3, item 9).
+"""Training-step time and peak memory for LoRA, vanilla and full training (issue 3, item 9).
 
 The same small STF (``STFConfig(embed_dim=12, depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 6),
 num_slices=4)``, the CPU profile's size), the same batch (8 smooth synthetic 128x128 crops)
@@ -23,8 +23,13 @@ also times :class:`alice_lib.data.ImageFolder` decoding one random crop per item
 from disk (``cache=False``, the mode used for folders above
 :data:`alice_lib.data.CACHE_MAX_IMAGES`), to compare with the step time.
 
+``--device cuda`` runs on a GPU (timings synchronised; memory is then
+``torch.cuda.max_memory_allocated`` over the timed steps) and ``--size paper`` uses the
+full-size STF (``STFConfig()``, 99.9M parameters) instead of the CPU profile's; ``--json PATH``
+also writes the results (``../shared/GPU.md`` item 2).
+
 Usage: ``.venv/bin/python benchmarks/train_step.py [--steps 8] [--threads 2] [--precision bf16]
-[--stream ../shared/data/bsds432]``.
+[--stream ../shared/data/bsds432] [--device cuda --size paper --batch-size 16 --crop 256]``.
 Timings on a shared machine vary with what else runs; compare modes within one run.
 """
 
@@ -42,6 +47,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("lora", "vanilla", "full")
 MODEL = dict(embed_dim=12, depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 6), num_slices=4, drop_path_rate=0.0)
+SIZES = {"cpu": MODEL, "paper": {}}  # paper: STFConfig()'s defaults, the published size
 
 
 def _rss_mib() -> float:
@@ -57,7 +63,7 @@ def _peak_rss_mib() -> float:
 
 
 def measure(mode: str, steps: int, warmup: int, batch_size: int, crop: int, threads: int,
-            precision: str = "fp32") -> dict:
+            precision: str = "fp32", size: str = "cpu", device: str = "cpu") -> dict:
     """One mode, in this process."""
     import torch
     from torch import nn
@@ -68,20 +74,22 @@ def measure(mode: str, steps: int, warmup: int, batch_size: int, crop: int, thre
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = SymmetricalTransFormer(STFConfig(**MODEL))
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    model = SymmetricalTransFormer(STFConfig(**SIZES[size]))
     if mode == "lora":
         lora.inject_lora(model, lora.LoRAConfig(), generator=torch.Generator().manual_seed(0))
     lora.mark_trainable(model, mode)
-    model.train()
+    model.to(dev).train()
     main, aux = _split_parameters(model)
     optimizer = torch.optim.Adam(main, lr=1e-4)
     aux_optimizer = torch.optim.Adam(aux, lr=1e-3) if aux else None
     criterion = RateDistortionLoss(0.0067)
     data = SyntheticImages(batch_size, crop, seed=0)
-    batch = torch.stack([data[i] for i in range(batch_size)])
+    batch = torch.stack([data[i] for i in range(batch_size)]).to(dev)
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             output = model(batch)
         out = criterion(_float_output(output), batch)
         optimizer.zero_grad(set_to_none=True)
@@ -96,15 +104,27 @@ def measure(mode: str, steps: int, warmup: int, batch_size: int, crop: int, thre
     rss_before = _rss_mib()
     times = []
     for i in range(warmup + steps):
+        if cuda and i == warmup:
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            before = torch.cuda.memory_allocated(dev)
         started = time.perf_counter()
         step()
+        if cuda:
+            torch.cuda.synchronize(dev)
         if i >= warmup:
             times.append(time.perf_counter() - started)
     peak = _peak_rss_mib()
-    return {"mode": mode, "trainable": sum(p.numel() for p in main + aux),
-            "total": sum(p.numel() for p in model.parameters()),
-            "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-            "peak_rss_mib": peak, "rss_before_mib": rss_before, "train_mem_mib": peak - rss_before}
+    result = {"mode": mode, "size": size, "device": torch.cuda.get_device_name(dev) if cuda else "cpu",
+              "precision": precision, "batch_size": batch_size, "crop": crop, "steps": steps,
+              "trainable": sum(p.numel() for p in main + aux), "total": sum(p.numel() for p in model.parameters()),
+              "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+              "images_per_s": batch_size / statistics.median(times), "torch": torch.__version__,
+              "peak_rss_mib": peak, "rss_before_mib": rss_before, "train_mem_mib": peak - rss_before}
+    if cuda:  # on a GPU the device's memory is what limits the batch
+        result["peak_gpu_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
+        result["train_mem_mib"] = (torch.cuda.max_memory_allocated(dev) - before) / 2**20
+    return result
 
 
 def main() -> None:
@@ -117,18 +137,21 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--stream", metavar="FOLDER", help="also time streamed crops (decode per item) from FOLDER")
+    parser.add_argument("--size", choices=tuple(SIZES), default="cpu")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.child, args.steps, args.warmup, args.batch_size, args.crop, args.threads,
-                                 args.precision)))
+                                 args.precision, args.size, args.device)))
         return
 
     import platform
 
     import torch
 
-    print(f"STF {MODEL}, batch {args.batch_size}x3x{args.crop}x{args.crop}, {args.threads} thread(s), "
+    print(f"STF {args.size} {SIZES[args.size]}, {args.device}, batch {args.batch_size}x3x{args.crop}x{args.crop}, {args.threads} thread(s), "
           f"{args.steps} timed steps after {args.warmup} warm-up, {args.precision}, torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), "
           f"load average {os.getloadavg()[0]:.1f}")
@@ -136,12 +159,15 @@ def main() -> None:
     for mode in args.modes:
         command = [sys.executable, __file__, "--child", mode, "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--batch-size", str(args.batch_size), "--crop", str(args.crop),
-                   "--threads", str(args.threads), "--precision", args.precision]
+                   "--threads", str(args.threads), "--precision", args.precision, "--size", args.size,
+                   "--device", args.device]
         env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(args.threads)}
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False)
         if done.returncode:
             sys.exit(f"{mode} failed:\n{done.stderr[-3000:]}")
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
     full = next((r for r in results if r["mode"] == "full"), None)
     header = (f"{'mode':8} {'trainable':>10} {'of total':>9} {'step median':>12} {'(min-max)':>15} "
               f"{'peak RSS':>10} {'train mem':>10}")

@@ -29,3 +29,26 @@ def test_required_pins():
     for pin in ("torch==2.14.1", "torchvision==0.29.1", "compressai==1.2.8", "numpy<2"):
         assert pin in deps
     assert {_name(d) for d in deps} >= {"papermill", "pytorch-msssim", "matplotlib", "pandas", "pillow"}
+
+
+def test_shipped_cpu_models_load_and_fit_the_size_budget():
+    """The CPU profile's six fixed-rate models: the profile's size, their lambda, the agreed storage."""
+    import torch
+    from safetensors import safe_open
+
+    from alice_lib.checkpoints import load_stf, read_checkpoint
+    from alice_lib.settings import PACKAGE_DIR, load_settings
+
+    settings = load_settings("cpu")
+    files = {settings.anchor.lmbda: settings.anchor.shipped_weights}
+    files.update({l: settings.references.shipped_weights(l) for l in settings.targets})
+    for lmbda, path in files.items():
+        _, config, metadata = read_checkpoint(path)
+        assert config == settings.model.stf and float(metadata["lmbda"]) == lmbda, path
+        with safe_open(str(path), framework="pt") as f:
+            dtype = f.get_tensor("cc_mean_transforms.0.0.weight").dtype
+        assert dtype == (torch.float32 if lmbda == settings.anchor.lmbda else torch.float16), (path, dtype)
+        model = load_stf(path)  # the coder tables travel in the file: no update needed to code
+        assert model.entropy_bottleneck._quantized_cdf.numel() > 0
+    shipped = sum(p.stat().st_size for p in (PACKAGE_DIR / "weights").iterdir())
+    assert shipped < 60e6, f"alice_lib/weights holds {shipped / 1e6:.1f} MB"

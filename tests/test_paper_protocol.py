@@ -144,8 +144,11 @@ def test_settings_reject_what_cannot_describe_an_experiment():
 def test_reference_sources_and_labels():
     paper, cpu = load_settings("paper"), load_settings("cpu")
     assert paper.references.source == "published" and paper.result_label("full") == "full-finetune"
-    assert cpu.references.source == "finetune" and cpu.result_label("full") == "fixed-rate"
-    scratch = load_settings("cpu", {"references.source": "scratch", "references.weights": "x_{lmbda}.safetensors"})
+    assert cpu.references.source == "scratch" and cpu.result_label("full") == "full-finetune"
+    assert cpu.references_to_train() == ()  # all five are shipped
+    scratch = load_settings("cpu", {"references.weights": "x_{lmbda}.safetensors"})
     assert scratch.references.shipped_weights(0.0067).name == "x_0.0067.safetensors"
     assert scratch.references_to_train() == scratch.targets  # nothing of that name is shipped
-    assert cpu.references_to_train() == ()  # fine-tunes: nothing trained from scratch
+    finetune = load_settings("cpu", {"references.source": "finetune"})
+    assert finetune.result_label("full") == "fixed-rate"
+    assert finetune.references_to_train() == ()  # fine-tunes: nothing trained from scratch

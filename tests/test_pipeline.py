@@ -139,10 +139,12 @@ def test_paper_profile_carries_the_published_settings():
 def test_cpu_profile_keeps_its_schedule_and_states_its_choices():
     cpu = wb.load_profile("cpu")
     s = cpu.adaptation.training("alice")
-    assert (s.steps, s.batch_size, s.crop, s.lr, s.schedule_unit, s.flip, s.seed) == (200, 4, 256, 2e-4, "step",
+    assert (s.steps, s.batch_size, s.crop, s.lr, s.schedule_unit, s.flip, s.seed) == (300, 4, 256, 1e-3, "step",
                                                                                        True, 0)
+    assert cpu.adaptation.training("vanilla") == s  # one budget for every method
     assert (cpu.data.val_source, cpu.data.val_images, cpu.data.val_crop) == ("held_out", 16, 256)
-    assert cpu.anchor.weights == "cpu_anchor.safetensors" and cpu.anchor.train.steps == 6000
+    assert cpu.anchor.weights == "cpu_anchor.safetensors" and cpu.anchor.train.steps == 1600
+    assert (cpu.references.source, cpu.references.weights) == ("scratch", "cpu_fixed_{lmbda}.safetensors")
     text = (wb.PROFILE_DIR / "cpu.yaml").read_text()
     for key in ("flip: true", "schedule_unit: step", "val_source: held_out"):
         line = next(line for line in text.splitlines() if key in line)

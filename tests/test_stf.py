@@ -185,3 +185,23 @@ def test_own_safetensors_round_trip(tmp_path):
     a, b = model.compress(x), loaded.compress(x)
     assert a["strings"] == b["strings"]
     assert infer_config(model.state_dict()).embed_dim == TINY.embed_dim
+
+
+def test_half_precision_storage_codes_like_the_rounded_model(tmp_path):
+    """float16 files: half the bytes, and the loaded model's bitstreams equal the saving model's."""
+    from alice_lib.checkpoints import round_weights_
+
+    torch.manual_seed(0)
+    model = SymmetricalTransFormer(TINY).eval()
+    model.update(force=True)
+    full = save_stf(tmp_path / "full.safetensors", model)
+    round_weights_(model, torch.float16).update(force=True)
+    half = save_stf(tmp_path / "half.safetensors", model, dtype=torch.float16)
+    float_bytes = sum(p.numel() * 4 for p in model.state_dict().values() if p.is_floating_point())
+    assert full.stat().st_size - half.stat().st_size == pytest.approx(float_bytes / 2, rel=0.01)
+    loaded = load_stf(half)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    x = torch.rand(1, 3, 64, 64)
+    a = model.compress(x)
+    assert a["strings"] == loaded.compress(x)["strings"]
+    assert torch.equal(model.decompress(**a)["x_hat"], loaded.decompress(**a)["x_hat"])

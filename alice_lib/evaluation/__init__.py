@@ -24,7 +24,7 @@ from .bd import (ANCHOR_METHOD, BD_COLUMNS, BD_METHODS, CURVES_ADAPTED, CURVES_W
                  LEARNED_METHODS, anchor_points, bd_psnr, bd_rate, bd_table, rd_curves, write_bd_table)
 from .classical import CLASSICAL_CODECS, avif_available, code_classical, evaluate_classical
 from .coding import PADDINGS, Padding, code_image, crop_reference, evaluate_models, pad_reference
-from .complexity import COMPLEXITY_COLUMNS, measure_complexity
+from .complexity import COMPLEXITY_COLUMNS, complexity_models, measure_complexity
 from .metrics import image_quality, ms_ssim_rgb, ms_ssim_to_db, psnr_rgb
 from .run import ModelEntry, evaluate, publish_tables
 from .tables import (BD_CSV, RESULT_COLUMNS, STF_PUBLISHED_KODAK, STF_PUBLISHED_KODAK_MSSSIM, SUMMARY_COLUMNS,
@@ -35,7 +35,7 @@ __all__ = [
     "LEARNED_METHODS", "anchor_points", "bd_psnr", "bd_rate", "bd_table", "rd_curves", "write_bd_table",
     "CLASSICAL_CODECS", "avif_available", "code_classical", "evaluate_classical",
     "PADDINGS", "Padding", "code_image", "crop_reference", "evaluate_models", "pad_reference",
-    "COMPLEXITY_COLUMNS", "measure_complexity",
+    "COMPLEXITY_COLUMNS", "complexity_models", "measure_complexity",
     "image_quality", "ms_ssim_rgb", "ms_ssim_to_db", "psnr_rgb",
     "ModelEntry", "evaluate", "publish_tables",
     "BD_CSV", "RESULT_COLUMNS", "STF_PUBLISHED_KODAK", "STF_PUBLISHED_KODAK_MSSSIM", "SUMMARY_COLUMNS",

@@ -46,6 +46,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..checkpoints import deterministic_weights_
+from ..lora import inject_lora, merge_lora
+from ..models.stf import STFConfig, SymmetricalTransFormer
+from ..settings import Settings, load_settings
 from ..utils import atomic_write, model_device
 from .coding import image_batch, run_decompress, synchronize
 
@@ -238,3 +242,26 @@ def measure_complexity(
     if out_path is not None:
         atomic_write(out_path, lambda tmp: df.to_csv(tmp, index=False))
     return df
+
+
+def complexity_models(profile: str | Path | Settings) -> dict[str, SymmetricalTransFormer]:
+    """STF, STF+ALICE (unmerged) and STF+MALICE for the complexity table.
+
+    ``complexity.model: published`` uses the full-size STF with the conformance
+    weights rule (timing does not depend on the values); else the profile's size.
+    """
+    settings = load_settings(profile)
+    config = STFConfig() if settings.complexity.model == "published" else settings.model.stf
+    lora = settings.model.lora
+
+    def build(adapters: bool, merged: bool) -> SymmetricalTransFormer:
+        model = SymmetricalTransFormer(config)
+        if adapters:
+            inject_lora(model, lora)
+        deterministic_weights_(model)  # nonzero W_b, so the adapters really compute something
+        if merged:
+            merge_lora(model, strip=True)
+        model.eval().update(force=True)
+        return model
+
+    return {"STF": build(False, False), "STF+ALICE": build(True, False), "STF+MALICE": build(True, True)}

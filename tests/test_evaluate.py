@@ -535,3 +535,16 @@ def test_interpolation_bd_rates_of_points_on_the_trained_curve():
     assert table.loc["alpha", "bd_rate_pct"] == pytest.approx(table.loc["interpolate", "bd_rate_pct"] * 1.2 + 20,
                                                               abs=0.5)
     assert (table["bd_method"] == "akima").all() and (table["n_trained"] == 6).all()
+
+
+def test_flop_count_includes_fused_cpu_attention():
+    """scaled_dot_product_attention's fused CPU kernel counts like explicit Q K^T and A V."""
+    import torch.nn.functional as F
+
+    from alice_lib.evaluation.complexity import count_flops
+
+    q, k, v = torch.randn(8, 3, 16, 4), torch.randn(8, 3, 16, 4), torch.randn(8, 3, 16, 4)
+    mask = torch.zeros(8, 1, 16, 16)
+    fused = count_flops(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    explicit = count_flops(lambda: (q @ k.transpose(-2, -1) + mask).softmax(-1) @ v)
+    assert fused == explicit == 2 * 2 * 8 * 3 * 16 * 16 * 4

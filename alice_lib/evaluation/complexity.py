@@ -44,7 +44,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ..checkpoints import deterministic_weights_
 from ..lora import inject_lora, merge_lora
@@ -91,9 +91,24 @@ def part_parameters(model: nn.Module, run: Callable[[], object]) -> int:
     return total
 
 
+_CUSTOM_FLOPS = {}
+
+
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_CUSTOM_FLOPS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_attention_flops
+
+
 def count_flops(run: Callable[[], object]) -> int:
-    """FLOPs of ``run()`` as counted by ``FlopCounterMode`` (2 per multiply-add)."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    """FLOPs of ``run()`` as counted by ``FlopCounterMode`` (2 per multiply-add).
+
+    PyTorch's counter knows the GPU attention kernels but not the fused CPU one that
+    ``scaled_dot_product_attention`` dispatches to here (it counted 0), so that one is
+    counted like the others: ``Q K^T`` and ``A V``.
+    """
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CUSTOM_FLOPS) as counter:
         run()
     return int(counter.get_total_flops())
 

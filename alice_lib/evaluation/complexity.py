@@ -91,14 +91,11 @@ def part_parameters(model: nn.Module, run: Callable[[], object]) -> int:
     return total
 
 
-_CUSTOM_FLOPS = {}
-
-
 def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-_CUSTOM_FLOPS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_attention_flops
+_CUSTOM_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
 
 
 def count_flops(run: Callable[[], object]) -> int:

@@ -44,12 +44,10 @@ def complexity(out: Path, image: Path, repeats: int, device: str = "cuda") -> No
     import torch
 
     from alice_lib.data import read_image
-    from alice_lib.evaluation import measure_complexity
-    from alice_lib.evaluation import complexity_models
+    from alice_lib.evaluation import complexity_models, measure_complexity
 
     models = {name: model.to(device) for name, model in complexity_models("paper").items()}
-    table = measure_complexity(models, read_image(image), repeats=repeats, flops=False,
-                               out_path=out / "complexity.csv")
+    table = measure_complexity(models, read_image(image), repeats=repeats, flops=False)
     table["gpu"] = torch.cuda.get_device_name() if device.startswith("cuda") else "none"
     table["torch"] = torch.__version__
     table.to_csv(out / "complexity.csv", index=False)

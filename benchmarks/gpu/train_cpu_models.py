@@ -46,9 +46,12 @@ import tarfile
 import time
 from pathlib import Path
 
+from alice_lib.settings import load_settings
+
 REPO = Path(__file__).resolve().parents[2]
-ANCHOR = 0.0483
-LAMBDAS = (0.0483, 0.0018, 0.0035, 0.0067, 0.013, 0.025)
+CPU = load_settings("cpu")
+ANCHOR = CPU.anchor.lmbda
+LAMBDAS = (ANCHOR, *CPU.targets)
 RECIPE = ["--profile", "cpu", "--mode", "full", "--schedule", "cosine", "--val-images", "16", "--threads", "1",
           "--num-workers", "1", "--no-progress"]
 VALIDATIONS = 20  # rows of metrics.csv per run
@@ -100,10 +103,11 @@ def calibrate(args: argparse.Namespace, deadline: float) -> float:
 
 def export(run_dir: Path, out: Path, lmbda: float) -> dict:
     """The model weights of ``last.pt``: float32 for the anchor, float16 floats for the references."""
-    import torch
     from safetensors.torch import save_file
 
-    ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+    from alice_lib.train import load_checkpoint
+
+    ckpt = load_checkpoint(run_dir / "last.pt")
     half = lmbda != ANCHOR
     tensors = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in ckpt["model"].items()}
     meta = {k: json.dumps(ckpt.get(k)) for k in ("step", "epoch") if k in ckpt}
@@ -118,9 +122,8 @@ def ship(results: Path, weights_dir: Path, facts: dict) -> list[Path]:
 
     from alice_lib.checkpoints import load_state_dict_checked, round_weights_, save_stf
     from alice_lib.models.stf import SymmetricalTransFormer
-    from alice_lib.settings import load_settings
 
-    settings = load_settings("cpu")
+    settings = CPU
     written = []
     for lmbda in LAMBDAS:
         model = SymmetricalTransFormer(settings.model.stf)

@@ -25,7 +25,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -297,19 +297,30 @@ def _adapter_names(model: nn.Module) -> list[str]:
     return [f"{name}.lora.{p}" for name in lora_modules(model) for p in ("W_a", "W_b")]
 
 
-def trainable_names(model: nn.Module, mode: str, config: LoRAConfig | None = None) -> list[str]:
+def trainable_names(model: nn.Module, mode: str, config: LoRAConfig | None = None,
+                    also: Sequence[str] = ()) -> list[str]:
     """Names of the parameters that train in ``mode`` (without changing the model).
 
     ``lora``: only the adapters (entropy models and everything else frozen, as in
     ALICE). ``vanilla``: only the weights and biases of the targeted layers (the
     ALICE baseline); the targets come from ``config``, else from the adapters
     present, else the default config. ``full``: every parameter.
+
+    ``also`` (ablations, not the paper's methods): top-level module names whose
+    parameters train as well, e.g. ``SymmetricalTransFormer.ENTROPY_MODEL``.
     """
     if mode not in MODES:
         raise ValueError(f"unknown training mode {mode!r}; expected one of {MODES}")
     all_names = [n for n, _ in model.named_parameters()]
     if mode == "full":
         return all_names
+    if also:
+        unknown = sorted(set(also) - {n for n, _ in model.named_children()})
+        if unknown:
+            raise ValueError(f"no top-level module named {unknown} in {type(model).__name__}")
+        extra = {n for n in all_names if n.split(".", 1)[0] in set(also)}
+        chosen = set(trainable_names(model, mode, config)) | extra
+        return [n for n in all_names if n in chosen]
     if mode == "lora":
         if not has_lora(model):
             raise ValueError("mode 'lora' needs adapters: call inject_lora(model, config) first")
@@ -325,9 +336,10 @@ def trainable_names(model: nn.Module, mode: str, config: LoRAConfig | None = Non
     return [n for n in all_names if n in wanted]
 
 
-def mark_trainable(model: nn.Module, mode: str, config: LoRAConfig | None = None) -> list[str]:
+def mark_trainable(model: nn.Module, mode: str, config: LoRAConfig | None = None,
+                   also: Sequence[str] = ()) -> list[str]:
     """Set ``requires_grad`` for ``mode`` (see :func:`trainable_names`); return the trainable names."""
-    names = trainable_names(model, mode, config)
+    names = trainable_names(model, mode, config, also)
     chosen = set(names)
     for name, p in model.named_parameters():
         p.requires_grad_(name in chosen)

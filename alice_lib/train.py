@@ -887,6 +887,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="override a model field, YAML value (e.g. depths=[1,1,1,1]); repeatable")
     p.add_argument("--mode", choices=("full", "vanilla", "lora"), default="full")
     p.add_argument("--init", help="checkpoint to start from (a train checkpoint or a plain state dict)")
+    p.add_argument("--also-train", action="append", default=[], metavar="MODULE",
+                   help="ablation: also train this top-level module in vanilla/lora mode; repeatable; "
+                        "'entropy' = the whole entropy model (hyperprior, slice transforms, LRP)")
     p.add_argument("--lora-config", help="LoRA YAML (lora_8_8.yml format); default: the profile's `lora`, "
                                          "else LoRAConfig()")
     p.add_argument("--lmbda", type=float, required=True)
@@ -970,8 +973,14 @@ def _cli_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modul
         lora_config = lora.LoRAConfig.from_yaml(args.lora_config) if args.lora_config else settings.lora
         if args.mode == "lora":
             lora.inject_lora(model, lora_config, generator=torch.Generator().manual_seed(args.seed))
-        lora.mark_trainable(model, args.mode, lora_config)
+        also = [m for name in args.also_train
+                for m in (SymmetricalTransFormer.ENTROPY_MODEL if name == "entropy" else (name,))]
+        lora.mark_trainable(model, args.mode, lora_config, also)
         extra["lora_config"] = lora_config.to_dict()
+        if also:
+            extra["also_train"] = also
+    elif args.also_train:
+        raise ValueError("--also-train needs --mode vanilla or lora (full trains everything already)")
     return model.to(device), extra
 
 

@@ -434,10 +434,33 @@ def test_evaluate_writes_every_table_once_from_the_one_function(evaluated):
     assert json.loads((out / "anchor.json").read_text())["results"]["bpp"] != []
 
 
+def test_target_table_compares_each_lambda_on_the_images_both_coded():
+    rows = [("fixed-rate", 0.0018, "a", 0.10, 30.0, ""), ("fixed-rate", 0.0018, "b", 0.20, 30.0, ""),
+            ("fixed-rate", 0.025, "a", 0.50, 33.0, ""),
+            # 0.0018 after a CSV round trip and float arithmetic is still the same target.
+            ("alice", 0.0018000000000000002, "a", 0.20, 32.0, ""), ("alice", 0.0018, "b", 0.40, 32.0, ""),
+            ("alice", 0.0018, "c", 9.90, 10.0, ""),          # the reference never coded image c
+            ("alice", 0.0018, "b", 5.00, 5.0, "boom"),       # a failed row counts for nothing
+            ("alice", 0.0067, "a", 0.30, 31.0, "")]          # no reference at 0.0067
+    results = pd.DataFrame(rows, columns=["method", "lmbda", "image", "bpp", "psnr", "error"])
+    table = ev.target_table(results)
+    assert list(table.columns) == ev.TARGET_COLUMNS
+    assert len(table) == 1  # only alice at 0.0018: vanilla and malice are absent, 0.0067 has no reference
+    row = table.iloc[0]
+    assert (row["method"], row["reference"], row["lmbda"], row["n_images"]) == ("alice", "fixed-rate", 0.0018, 2)
+    assert row["rate_ratio"] == pytest.approx(0.30 / 0.15)
+    assert row["psnr_delta_db"] == pytest.approx(2.0)
+    weight = 0.0018 * 255**2  # lambda * 255^2 * MSE, the MSE on [0, 1] from the PSNR
+    assert row["ref_rd_loss"] == pytest.approx(0.15 + weight * 1e-3)
+    assert row["rd_loss"] == pytest.approx(0.30 + weight * 10**-3.2)
+    assert row["rd_loss_ratio"] == pytest.approx(row["rd_loss"] / row["ref_rd_loss"])
+    assert ev.target_table(results[results["method"] != "fixed-rate"]).empty
+
+
 def test_report_copies_the_tables_and_figures_read_them_without_recomputing(evaluated, tmp_path, monkeypatch):
     out, result = evaluated
     tables = ev.publish_tables(out, tmp_path / "report")
-    for name in ("summary.csv", "bd_rate.csv", "alice.json", "jpeg.json", "anchor.json"):
+    for name in ("summary.csv", "bd_rate.csv", "targets.csv", "alice.json", "jpeg.json", "anchor.json"):
         assert (tmp_path / "report" / name).read_bytes() == (out / name).read_bytes(), name
     assert len(pd.read_csv(tmp_path / "report" / "results.csv")) == len(result["results"]) + len(result["classical"])
 

@@ -275,6 +275,19 @@ def test_freezing_per_mode():
     assert with_grad and with_grad <= adapters
 
 
+def test_ablation_also_trains_whole_top_level_modules():
+    model = inject_lora(tiny_model(), LoRAConfig())
+    adapters = set(mark_trainable(model, "lora"))
+    groups = type(model).ENTROPY_MODEL
+    entropy = {n for n, _ in model.named_parameters() if n.split(".")[0] in groups}
+    assert entropy and "entropy_bottleneck.quantiles" in entropy
+    assert set(mark_trainable(model, "lora", also=groups)) == _requires_grad(model) == adapters | entropy
+    # The entropy groups leave the transforms (what the adapters adapt) out.
+    assert not any(n.startswith(("layers.", "syn_layers.")) for n in entropy)
+    with pytest.raises(ValueError, match="no top-level module"):
+        mark_trainable(model, "lora", also=["hyperprior"])
+
+
 # ---------------------------------------------------------------------------- MALICE and rate switching
 def test_merge_unmerge_switching_does_not_drift_base_weights():
     model = deterministic_weights_(inject_lora(tiny_model(), LoRAConfig()))

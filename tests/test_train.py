@@ -643,3 +643,24 @@ def test_cli_new_flags(tmp_path):
     assert row["step"] == 3 and row["epoch"] == 2
     saved = load_checkpoint(tmp_path / "last.pt")["train_config"]
     assert (saved["schedule_unit"], saved["checkpoint_every"], saved["steps_per_epoch"]) == ("epoch", 1, 2)
+
+
+def test_cli_also_train_unfreezes_the_entropy_model_for_ablations(tmp_path):
+    tiny = [f"--model-set={k}={v}" for k, v in (("embed_dim", 8), ("depths", "[1,1,1,1]"),
+                                                 ("num_heads", "[1,2,2,4]"), ("num_slices", 4))]
+    common = ["--synthetic", "2", "--crop", "64", "--batch-size", "1", "--steps", "2", "--lr", "1e-2",
+              "--lmbda", "0.0018", "--no-progress", "--threads", "1", "--device", "cpu", *tiny]
+    train_mod.main([*common, "--run-dir", str(tmp_path / "base")])
+    base = load_checkpoint(tmp_path / "base" / "last.pt")["model"]
+    train_mod.main([*common, "--run-dir", str(tmp_path / "ablation"), "--mode", "lora",
+                    "--init", str(tmp_path / "base" / "last.pt"), "--also-train", "entropy"])
+    ckpt = load_checkpoint(tmp_path / "ablation" / "last.pt")
+    assert ckpt["also_train"] == list(SymmetricalTransFormer.ENTROPY_MODEL)
+    after = ckpt["model"]
+    # An adapted layer keeps its frozen weights under `.linear.`; the adapters themselves are new.
+    moved = {k for k, v in after.items()
+             if k.replace(".linear.", ".") in base and not torch.equal(base[k.replace(".linear.", ".")], v)}
+    assert any(k.startswith("h_scale_s.") for k in moved)  # the entropy model trained
+    assert not any(k.startswith(("layers.", "syn_layers.")) for k in moved)  # the transforms only through adapters
+    with pytest.raises(ValueError, match="--mode vanilla or lora"):
+        train_mod.main([*common, "--run-dir", str(tmp_path / "full"), "--also-train", "entropy"])

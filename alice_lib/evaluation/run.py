@@ -3,7 +3,7 @@
 :func:`evaluate` takes the list of models to code (the pipeline only says *which*), codes
 them and the classical codecs on one image folder, and writes every table once into the
 evaluation folder: ``results.csv``, ``classical.csv``, ``summary.csv``, one CompressAI
-``<method>.json`` per method and ``bd_rate.csv``. :func:`publish_tables` copies those files
+``<method>.json`` per method, ``bd_rate.csv`` and ``targets.csv``. :func:`publish_tables` copies those files
 into a report folder unchanged, and :func:`~alice_lib.evaluation.tables.read_tables`
 reads them back: nothing downstream recomputes a summary or a BD value.
 """
@@ -21,6 +21,7 @@ from ..utils import atomic_copy, atomic_write
 from .bd import bd_table, write_bd_table
 from .classical import classical_descriptions, evaluate_classical
 from .coding import Padding, evaluate_models
+from .targets import TARGETS_CSV, target_table, write_target_table
 from .tables import (BD_CSV, RESULTS_CSV, SUMMARY_CSV, EvaluationTables, read_tables, summarize,
                      write_compressai_json, write_summary)
 
@@ -59,7 +60,8 @@ def evaluate(
 
     Learned rows resume (pairs already in ``results.csv`` are not coded again); the
     summary holds only the listed models and codecs. Returns ``{"results", "classical",
-    "summary", "bd", "errors"}`` (``errors``: the rows that failed, learned and classical).
+    "summary", "bd", "targets", "errors"}`` (``targets``: :func:`~.targets.target_table`; ``errors``:
+    the rows that failed, learned and classical).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -86,8 +88,11 @@ def evaluate(
                                                          **classical_descriptions(codecs)})
     bd = bd_table(summary, bd_pairs, bd_methods=bd_methods, curves_include_anchor=curves_include_anchor)
     write_bd_table(bd, out_dir / BD_CSV)
+    targets = target_table(rows)
+    write_target_table(targets, out_dir / TARGETS_CSV)
     errors = rows[rows["error"].fillna("").astype(str) != ""]
-    return {"results": results, "classical": classical_rows, "summary": summary, "bd": bd, "errors": errors}
+    return {"results": results, "classical": classical_rows, "summary": summary, "bd": bd, "targets": targets,
+            "errors": errors}
 
 
 def publish_tables(eval_dir: str | Path, reports_dir: str | Path) -> EvaluationTables:
@@ -100,7 +105,9 @@ def publish_tables(eval_dir: str | Path, reports_dir: str | Path) -> EvaluationT
     tables = read_tables(eval_dir)
     reports_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(reports_dir / RESULTS_CSV, lambda tmp: tables.results.to_csv(tmp, index=False))
-    for name in (SUMMARY_CSV, BD_CSV):
+    for name in (SUMMARY_CSV, BD_CSV, TARGETS_CSV):
+        if name == TARGETS_CSV and not (eval_dir / name).exists():
+            continue  # an evaluation folder written before the table existed
         atomic_copy(eval_dir / name, reports_dir / name)
     for json_file in sorted(eval_dir.glob("*.json")):
         atomic_copy(json_file, reports_dir / json_file.name)

@@ -147,6 +147,11 @@ class SymmetricalTransFormer(CompressionModel):
     padded (edge replication) to :attr:`STFConfig.total_stride` and cropped back.
     """
 
+    #: Top-level modules of the entropy model (hyperprior, slice transforms, LRP, entropy
+    #: coders): what ALICE keeps frozen. Ablations unfreeze them by these names.
+    ENTROPY_MODEL = ("h_a", "h_mean_s", "h_scale_s", "cc_mean_transforms", "cc_scale_transforms",
+                     "lrp_transforms", "entropy_bottleneck", "gaussian_conditional")
+
     def __init__(self, config: STFConfig | None = None, **overrides):
         super().__init__()
         if config is None:

@@ -315,10 +315,11 @@ def trainable_names(model: nn.Module, mode: str, config: LoRAConfig | None = Non
     if mode == "full":
         return all_names
     if also:
-        unknown = sorted(set(also) - {n for n, _ in model.named_children()})
+        modules = set(also)
+        unknown = sorted(modules - {n for n, _ in model.named_children()})
         if unknown:
             raise ValueError(f"no top-level module named {unknown} in {type(model).__name__}")
-        extra = {n for n in all_names if n.split(".", 1)[0] in set(also)}
+        extra = {n for n in all_names if n.split(".", 1)[0] in modules}
         chosen = set(trainable_names(model, mode, config)) | extra
         return [n for n in all_names if n in chosen]
     if mode == "lora":

@@ -191,6 +191,18 @@ def save_stf(path: str | Path, model: SymmetricalTransFormer, metadata: dict | N
     return path
 
 
+def ship_stf(path: str | Path, model: SymmetricalTransFormer, metadata: dict | None = None,
+             dtype: torch.dtype = torch.float16) -> Path:
+    """Save a model as it ships: weights rounded to ``dtype`` in place, coder tables rebuilt, then saved.
+
+    The tables are built from exactly the stored values, so a file's encoder and decoder
+    (and any machine loading it) read the same numbers and bitstreams stay decodable.
+    """
+    round_weights_(model, dtype)
+    model.eval().update(force=True)
+    return save_stf(path, model, {**(metadata or {}), "storage": str(dtype)}, dtype=dtype)
+
+
 def round_weights_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Round every floating-point parameter and buffer to ``dtype`` and back, in place."""
     with torch.no_grad():

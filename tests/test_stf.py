@@ -188,15 +188,15 @@ def test_own_safetensors_round_trip(tmp_path):
 
 
 def test_half_precision_storage_codes_like_the_rounded_model(tmp_path):
-    """float16 files: half the bytes, and the loaded model's bitstreams equal the saving model's."""
-    from alice_lib.checkpoints import round_weights_
+    """float16 files (``ship_stf``): half the bytes, and the loaded model's bitstreams equal the saving model's."""
+    from alice_lib.checkpoints import read_checkpoint, ship_stf
 
     torch.manual_seed(0)
     model = SymmetricalTransFormer(TINY).eval()
     model.update(force=True)
     full = save_stf(tmp_path / "full.safetensors", model)
-    round_weights_(model, torch.float16).update(force=True)
-    half = save_stf(tmp_path / "half.safetensors", model, dtype=torch.float16)
+    half = ship_stf(tmp_path / "half.safetensors", model, {"lmbda": 0.0018}, dtype=torch.float16)
+    assert read_checkpoint(half)[2]["storage"] == "torch.float16"
     float_bytes = sum(p.numel() * 4 for p in model.state_dict().values() if p.is_floating_point())
     assert full.stat().st_size - half.stat().st_size == pytest.approx(float_bytes / 2, rel=0.01)
     loaded = load_stf(half)

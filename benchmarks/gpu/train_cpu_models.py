@@ -26,8 +26,9 @@ got their second cycle; ``--steps`` skips the calibration)::
     python benchmarks/gpu/train_cpu_models.py --data DIR --out DIR2 --work /tmp/w2 --budget-s 240 \
         --init-from /tmp/cpu-models --lr 4e-4 --seed 43 --steps 1000 --steps-per-epoch 100
 
-Back on this machine, ``--ship DIR`` turns the returned ``weights-<lambda>.safetensors``
-into the profile's shipped models (``alice_lib/weights/cpu_anchor.safetensors`` in float32,
+Back on this machine, ``--ship DIR`` turns the returned ``weights-<lambda>.safetensors`` (or,
+for models trained on the CPU, each ``DIR/fixed-rate-<lambda>/last.pt``; ``--only LAMBDA`` picks
+some) into the profile's shipped models (``alice_lib/weights/cpu_anchor.safetensors`` in float32,
 ``cpu_fixed_<lambda>.safetensors`` in float16, each with its coder tables built from
 exactly the stored values and the training facts in its metadata)::
 
@@ -115,25 +116,38 @@ def export(run_dir: Path, out: Path, lmbda: float) -> dict:
     return {"step": ckpt.get("step"), "dtype": "float16" if half else "float32"}
 
 
-def ship(results: Path, weights_dir: Path, facts: dict) -> list[Path]:
-    """The profile's shipped files from the GPU's ``weights-<lambda>.safetensors`` (see the module doc)."""
-    import torch
+def trained_weights(results: Path, lmbda: float) -> dict:
+    """One model's weights from a results folder: the GPU's ``weights-<lambda>.safetensors``, or the
+    ``fixed-rate-<lambda>/last.pt`` of a training folder (the CPU track, ``reports/cpu/training/``)."""
     from safetensors.torch import load_file
 
-    from alice_lib.checkpoints import load_state_dict_checked, round_weights_, save_stf
+    from alice_lib.train import load_checkpoint
+
+    exported, run = results / f"weights-{lmbda}.safetensors", results / f"fixed-rate-{lmbda}" / "last.pt"
+    if exported.exists():
+        return {"state": load_file(str(exported))}
+    if run.exists():
+        ckpt = load_checkpoint(run)
+        return {"state": ckpt["model"], "step": ckpt["step"]}
+    raise FileNotFoundError(f"no weights for lambda {lmbda} in {results} ({exported.name} or {run.parent.name}/last.pt)")
+
+
+def ship(results: Path, weights_dir: Path, facts: dict, lambdas: tuple[float, ...] = LAMBDAS) -> list[Path]:
+    """The profile's shipped files from a results folder (see the module doc and :func:`trained_weights`)."""
+    import torch
+
+    from alice_lib.checkpoints import load_state_dict_checked, ship_stf
     from alice_lib.models.stf import SymmetricalTransFormer
 
-    settings = CPU
     written = []
-    for lmbda in LAMBDAS:
-        model = SymmetricalTransFormer(settings.model.stf)
-        load_state_dict_checked(model, load_file(str(results / f"weights-{lmbda}.safetensors")), source=str(lmbda))
+    for lmbda in lambdas:
+        found = trained_weights(results, lmbda)
+        model = SymmetricalTransFormer(CPU.model.stf)
+        load_state_dict_checked(model, found.pop("state"), source=f"{results} ({lmbda})")
         dtype = torch.float32 if lmbda == ANCHOR else torch.float16
-        round_weights_(model, dtype)
-        model.eval().update(force=True)
-        path = (weights_dir / settings.anchor.weights if lmbda == ANCHOR
-                else weights_dir / settings.references.shipped_weights(lmbda).name)
-        written.append(save_stf(path, model, {"lmbda": lmbda, "storage": str(dtype), **facts}, dtype=dtype))
+        path = (weights_dir / CPU.anchor.weights if lmbda == ANCHOR
+                else weights_dir / CPU.references.shipped_weights(lmbda).name)
+        written.append(ship_stf(path, model, {"lmbda": lmbda, **found, **facts}, dtype=dtype))
     return written
 
 
@@ -143,6 +157,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--ship", type=Path, help="here: write the shipped weights from this results folder")
     parser.add_argument("--facts", type=Path, help="with --ship: JSON of training facts for the metadata")
+    parser.add_argument("--only", type=float, action="append", metavar="LAMBDA",
+                        help="with --ship: ship only this model; repeatable (default: all six)")
     parser.add_argument("--weights-dir", type=Path, default=REPO / "alice_lib" / "weights")
     parser.add_argument("--work", type=Path, default=Path("/tmp/cpu-models"))
     parser.add_argument("--budget-s", type=float, help="wall time for calibration and training")
@@ -158,7 +174,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.ship:
         facts = json.loads(args.facts.read_text()) if args.facts else {}
-        for path in ship(args.ship, args.weights_dir, facts):
+        for path in ship(args.ship, args.weights_dir, facts, tuple(args.only or LAMBDAS)):
             print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
         return
     if not (args.data and args.out and args.budget_s):

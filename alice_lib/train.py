@@ -51,7 +51,7 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -121,6 +121,7 @@ class TrainConfig:
     plateau_factor: float = 0.5  # "plateau": lr *= factor after `patience` epochs without improvement
     plateau_patience: int = 4  # (validation loss, else the epoch's training loss)
     ddp_find_unused_parameters: bool = False
+    hyper_quantization: str = "ste"  # "ste" (STF) | "noise": the hyper-latent in training, see STF's attribute
 
     @classmethod
     def from_schedule(cls, schedule, lmbda: float, metric: str, n_train: int) -> TrainConfig:
@@ -139,7 +140,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         choices = {"optimizer": ("adam", "sgd"), "schedule": ("cosine", "plateau", "constant"),
-                   "schedule_unit": ("step", "epoch"), "metric": ("mse", "ms-ssim"), "precision": ("fp32", "bf16")}
+                   "schedule_unit": ("step", "epoch"), "metric": ("mse", "ms-ssim"), "precision": ("fp32", "bf16"),
+                   "hyper_quantization": ("ste", "noise")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {allowed}")
@@ -212,6 +214,9 @@ class RateDistortionLoss(nn.Module):
         x_hat = output["x_hat"]
         mse = torch.mean((x_hat - target) ** 2)
         result = {"bpp": bpp, "mse": mse}
+        if isinstance(output["likelihoods"], Mapping) and "z" in output["likelihoods"]:
+            # the hyper-latent's share of the rate: ~0 means the hyperprior has collapsed
+            result["bpp_z"] = bpp_from_likelihoods([output["likelihoods"]["z"]], n * h * w).detach()
         if self.metric == "mse":
             distortion = 255**2 * mse
         else:
@@ -802,6 +807,8 @@ def train(model: nn.Module, train_data: Dataset, run_dir: str | Path, config: Tr
     stop the run; the checkpoint just written is the place to resume from).
     A run that is already complete returns the last row of its ``metrics.csv``.
     """
+    if hasattr(model, "hyper_quantization"):
+        model.hyper_quantization = config.hyper_quantization
     run = _setup(model, train_data, Path(run_dir), config, extra_state)
     epoch = _resume(run) if resume and run.last_path.exists() else _fresh_start(run)
     _wrap_ddp(run)
@@ -909,6 +916,9 @@ def _build_parser() -> argparse.ArgumentParser:
                         "stepped once per epoch (the ALICE reference)")
     p.add_argument("--metric", choices=("mse", "ms-ssim"), default="mse")
     p.add_argument("--clip-max-norm", type=float, default=1.0)
+    p.add_argument("--hyper-quantization", choices=("ste", "noise"), default="ste",
+                   help="the hyper-latent seen by the hyper-synthesis in training: rounded with a straight-through "
+                        "gradient (ste, STF's reference) or with additive uniform noise (noise, Balle et al. 2018)")
     p.add_argument("--steps-per-epoch", type=int, help="steps per epoch (validation, CSV row, best.pt); "
                                                        "default: one pass over the training images")
     p.add_argument("--checkpoint-every", type=int, metavar="N",
@@ -1011,7 +1021,7 @@ def _cli_config(args: argparse.Namespace) -> TrainConfig:
         optimizer=args.optimizer, schedule=args.schedule, schedule_unit=args.schedule_unit,
         clip_max_norm=args.clip_max_norm, metric=args.metric, seed=args.seed, num_workers=args.num_workers,
         steps_per_epoch=args.steps_per_epoch, checkpoint_every=args.checkpoint_every, precision=args.precision,
-        tf32=args.tf32)
+        tf32=args.tf32, hyper_quantization=args.hyper_quantization)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -4,7 +4,8 @@ For the CPU scale's long trainings (``reports/cpu/training/``): each checkpoint
 (``best.pt`` or ``last.pt`` of a training folder, read with ``weights_only=True``) codes
 the Kodak images; JPEG 4:4:4 codes them at a sweep of qualities, and its PSNR is
 interpolated (in log-rate) at the model's mean bpp. A positive ``vs_jpeg_db`` means the
-model beats JPEG at its own rate.
+model beats JPEG at its own rate. ``bpp_z_estimated`` is the hyper-latent's share of the rate
+(estimated from its likelihoods): about 0 when the hyperprior carries no information.
 
     python benchmarks/checkpoint_kodak.py runs/cpu-training/fixed-rate-0.0483/best.pt [...] [--max-images 24]
 """
@@ -21,10 +22,12 @@ import torch
 from alice_lib.checkpoints import load_stf, read_checkpoint
 from alice_lib.data import list_images, read_image
 from alice_lib.evaluation import code_image
+from alice_lib.evaluation.coding import image_batch
 from alice_lib.evaluation.classical import code_classical
 from alice_lib.lora import LoRAConfig, inject_lora, merge_lora
 from alice_lib.models.stf import STFConfig, SymmetricalTransFormer
 from alice_lib.train import load_checkpoint
+from alice_lib.utils import bpp_from_likelihoods
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_KODAK = REPO.parent / "shared" / "data" / "kodak"
@@ -46,6 +49,13 @@ def model_from_checkpoint(path: Path) -> tuple[SymmetricalTransFormer, dict]:
         model.load_state_dict(ckpt["model"])
     model.eval().update(force=True)
     return model, {"step": ckpt["step"], "lmbda": ckpt.get("lmbda")}
+
+
+def hyper_bpp(model: SymmetricalTransFormer, image: torch.Tensor) -> float:
+    """The hyper-latent's estimated rate (eval mode, rounded): near 0 when the hyperprior has collapsed."""
+    h, w = image.shape[-2:]
+    likelihoods = model(image_batch(image, torch.device("cpu")))["likelihoods"]
+    return float(bpp_from_likelihoods([likelihoods["z"].double()], h * w))
 
 
 def jpeg_curve(images: list[torch.Tensor]) -> pd.DataFrame:
@@ -78,10 +88,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         model, info = model_from_checkpoint(path)
         with torch.no_grad():
             coded = pd.DataFrame([code_image(model, img, estimate_bpp=False) for img in images])
+            hyper = np.mean([hyper_bpp(model, img) for img in images])
         bpp, psnr = coded["bpp"].mean(), coded["psnr"].mean()
         jpeg = jpeg_psnr_at(curve, bpp)
         rows.append({"checkpoint": str(path), **info, "images": len(images), "bpp": bpp, "psnr": psnr,
-                     "jpeg_psnr_at_bpp": jpeg, "vs_jpeg_db": psnr - jpeg})
+                     "jpeg_psnr_at_bpp": jpeg, "vs_jpeg_db": psnr - jpeg, "bpp_z_estimated": hyper})
     table = pd.DataFrame(rows)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return table

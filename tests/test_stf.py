@@ -142,6 +142,30 @@ def test_training_forward_uses_noise_for_likelihoods():
         assert torch.equal(model(x)["likelihoods"]["y"], model(x)["likelihoods"]["y"])
 
 
+def test_hyper_quantization_in_training_rounds_or_adds_noise():
+    """``ste`` feeds h_s the hyper-latent rounded around the medians; ``noise`` feeds it z + U(-1/2, 1/2).
+    Evaluation rounds whatever the setting."""
+    torch.manual_seed(0)
+    model = SymmetricalTransFormer(TINY)
+    seen = []
+    model.h_mean_s.register_forward_hook(lambda module, args, out: seen.append(args[0].detach()))
+    x = torch.rand(1, 3, 64, 64)
+    medians = model.entropy_bottleneck._get_medians().detach()
+    z = model.h_a(model.analysis(x)).detach()
+    model.train()
+    model(x)
+    assert torch.equal(seen[-1] - medians, torch.round(z - medians))
+    model.hyper_quantization = "noise"
+    model(x)
+    assert not torch.equal(seen[-1] - medians, torch.round(seen[-1] - medians))
+    assert (seen[-1] - z).abs().max() <= 0.5
+    model.eval()
+    with torch.no_grad():
+        noise_eval = model(x)["x_hat"]
+        model.hyper_quantization = "ste"
+        assert torch.equal(noise_eval, model(x)["x_hat"])
+
+
 def test_published_layout_loads(tmp_path):
     """DataParallel prefixes, the old EntropyBottleneck names and stray keys, in a {"state_dict"} file."""
     torch.manual_seed(0)

@@ -74,7 +74,7 @@ def test_config_validation():
     for bad in ({"optimizer": "rmsprop"}, {"schedule": "step"}, {"metric": "psnr"}, {"steps": 0},
                 {"batch_size": 0}, {"lr": 0.0}, {"clip_max_norm": -1.0}, {"steps_per_epoch": 0},
                 {"plateau_factor": 1.5}, {"schedule_unit": "batch"}, {"precision": "fp16"},
-                {"checkpoint_every": 0}, {"num_workers": -1}):
+                {"checkpoint_every": 0}, {"num_workers": -1}, {"hyper_quantization": "round"}):
         with pytest.raises(ValueError):
             TrainConfig(**{"lmbda": 0.01, "steps": 1, **bad})
     config = TrainConfig(lmbda=0.01, steps=10, batch_size=16)
@@ -100,6 +100,7 @@ def test_rd_loss_matches_hand_computation():
     bpp = 40 / 512
     mse = 0.01
     assert out["bpp"].item() == pytest.approx(bpp, rel=1e-6)
+    assert out["bpp_z"].item() == pytest.approx(8 / 512, rel=1e-6)
     assert out["mse"].item() == pytest.approx(mse, rel=1e-4)
     assert out["loss"].item() == pytest.approx(0.0483 * 255**2 * mse + bpp, rel=1e-4)
 
@@ -302,6 +303,7 @@ def test_progress_bar_metrics_and_extra_state(tmp_path, images, capsys):
                 extra_state={"mode": "full"}, progress=True)
     assert "train λ=0.0483" in capsys.readouterr().err
     assert {"train_loss", "train_bpp", "train_psnr", "val_loss", "val_bpp", "val_psnr", "lr"} <= set(row)
+    assert 0 < row["val_bpp_z"] < row["val_bpp"]  # the hyper-latent's share of the rate
     assert load_checkpoint(tmp_path / "best.pt")["mode"] == "full"
     with pytest.raises(ValueError, match="smaller than one batch"):
         train(tiny_model(0), SyntheticImages(1, 64), tmp_path / "small", config, progress=False)
@@ -636,13 +638,14 @@ def test_cli_new_flags(tmp_path):
     args = ["--synthetic", "4", "--crop", "64", "--batch-size", "2", "--steps", "3", "--lr", "1e-3",
             "--lmbda", "0.0483", "--run-dir", str(tmp_path), "--no-progress", "--threads", "1", "--device", "cpu",
             "--schedule-unit", "epoch", "--steps-per-epoch", "2", "--checkpoint-every", "1", "--precision", "fp32",
-            "--no-flip", *[f"--model-set={k}={v}" for k, v in
+            "--no-flip", "--hyper-quantization", "noise", *[f"--model-set={k}={v}" for k, v in
                            (("embed_dim", 8), ("depths", "[1,1,1,1]"), ("num_heads", "[1,2,2,4]"),
                             ("num_slices", 4))]]
     row = train_mod.main(args)
     assert row["step"] == 3 and row["epoch"] == 2
     saved = load_checkpoint(tmp_path / "last.pt")["train_config"]
     assert (saved["schedule_unit"], saved["checkpoint_every"], saved["steps_per_epoch"]) == ("epoch", 1, 2)
+    assert saved["hyper_quantization"] == "noise"
 
 
 def test_cli_also_train_unfreezes_the_entropy_model_for_ablations(tmp_path):

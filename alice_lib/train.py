@@ -122,6 +122,7 @@ class TrainConfig:
     plateau_patience: int = 4  # (validation loss, else the epoch's training loss)
     ddp_find_unused_parameters: bool = False
     hyper_quantization: str = "ste"  # "ste" (STF) | "noise": the hyper-latent in training, see STF's attribute
+    hyper_rate_warmup: int = 0  # steps over which the hyper-latent's rate enters the loss, weight 0 -> 1
 
     @classmethod
     def from_schedule(cls, schedule, lmbda: float, metric: str, n_train: int) -> TrainConfig:
@@ -155,6 +156,8 @@ class TrainConfig:
             raise ValueError("lmbda must not be negative")
         if self.clip_max_norm < 0:
             raise ValueError("clip_max_norm must be >= 0 (0 disables clipping)")
+        if self.hyper_rate_warmup < 0:
+            raise ValueError("hyper_rate_warmup must be >= 0 (0: the full rate from the first step)")
         for name in ("steps_per_epoch", "checkpoint_every"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive (or None)")
@@ -216,7 +219,7 @@ class RateDistortionLoss(nn.Module):
         result = {"bpp": bpp, "mse": mse}
         if isinstance(output["likelihoods"], Mapping) and "z" in output["likelihoods"]:
             # the hyper-latent's share of the rate: ~0 means the hyperprior has collapsed
-            result["bpp_z"] = bpp_from_likelihoods([output["likelihoods"]["z"]], n * h * w).detach()
+            result["bpp_z"] = bpp_from_likelihoods([output["likelihoods"]["z"]], n * h * w)
         if self.metric == "mse":
             distortion = 255**2 * mse
         else:
@@ -698,6 +701,10 @@ def _train_step(run: _Run, batch: Tensor) -> list[float]:
         output = run.net(batch)
     out = run.criterion(_float_output(output), batch)
     loss = out["loss"]
+    if config.hyper_rate_warmup and run.state["step"] < config.hyper_rate_warmup and "bpp_z" in out:
+        # Like KL annealing against posterior collapse (Bowman et al., 2016): the hyper-latent's
+        # bits are priced in gradually, so the hyperprior can become useful before it costs.
+        loss = loss - (1 - run.state["step"] / config.hyper_rate_warmup) * out["bpp_z"]
     _stop_if_not_finite(run, loss, out)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -916,6 +923,12 @@ def _build_parser() -> argparse.ArgumentParser:
                         "stepped once per epoch (the ALICE reference)")
     p.add_argument("--metric", choices=("mse", "ms-ssim"), default="mse")
     p.add_argument("--clip-max-norm", type=float, default=1.0)
+    p.add_argument("--hyper-rate-warmup", type=int, default=0, metavar="N",
+                   help="price the hyper-latent's rate in over the first N steps (weight 0 -> 1), against "
+                        "hyperprior collapse; 0 (default): the full rate from the first step")
+    p.add_argument("--hyper-init-gain", type=float, default=1.0, metavar="G",
+                   help="a model from random weights: multiply the hyper-analysis's last convolution by G, so that "
+                        "the hyper-latent varies by more than its rounding step from the start (trial)")
     p.add_argument("--hyper-quantization", choices=("ste", "noise"), default="ste",
                    help="the hyper-latent seen by the hyper-synthesis in training: rounded with a straight-through "
                         "gradient (ste, STF's reference) or with additive uniform noise (noise, Balle et al. 2018)")
@@ -976,6 +989,11 @@ def _cli_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modul
     if args.init:
         state = torch.load(args.init, map_location="cpu", weights_only=True)
         model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+    elif args.hyper_init_gain != 1.0:
+        with torch.no_grad():  # at the CPU size z = h_a(y) varies by ~0.003 at init: rounding erases it
+            last = model.h_a[-1]
+            last.weight.mul_(args.hyper_init_gain)
+            last.bias.mul_(args.hyper_init_gain)
     extra = {"model_config": config.to_dict(), "mode": args.mode, "lmbda": args.lmbda}
     if args.mode in ("lora", "vanilla"):
         from . import lora
@@ -1021,7 +1039,7 @@ def _cli_config(args: argparse.Namespace) -> TrainConfig:
         optimizer=args.optimizer, schedule=args.schedule, schedule_unit=args.schedule_unit,
         clip_max_norm=args.clip_max_norm, metric=args.metric, seed=args.seed, num_workers=args.num_workers,
         steps_per_epoch=args.steps_per_epoch, checkpoint_every=args.checkpoint_every, precision=args.precision,
-        tf32=args.tf32, hyper_quantization=args.hyper_quantization)
+        tf32=args.tf32, hyper_quantization=args.hyper_quantization, hyper_rate_warmup=args.hyper_rate_warmup)
 
 
 def main(argv: list[str] | None = None) -> dict:

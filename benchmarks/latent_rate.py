@@ -6,6 +6,8 @@ file; see ``checkpoint_kodak.model_from_checkpoint``), in eval mode with rounded
 
 - ``y_bpp``, ``z_bpp``: estimated rate of the latent and of the hyper-latent (``z_bpp`` about
   0 means the hyperprior carries no information: it has collapsed);
+- ``z_varies``: the share of hyper-latent elements that do not round to the bottleneck's
+  median. 0 means the hyper-synthesis gets the same input everywhere, in every image;
 - ``at_mean``: the share of latent elements coded at their predicted mean (residual 0),
   and ``bpp_at_mean`` the bits they still cost;
 - ``floor_bpp``: what ``y`` would cost if every residual were 0, given the scales the
@@ -18,7 +20,7 @@ file; see ``checkpoint_kodak.model_from_checkpoint``), in eval mode with rounded
   bound, 0.11), and the share of them below 0.2;
 - ``mean_abs_y``: the latent's magnitude (the quantisation step is 1).
 
-    python benchmarks/latent_rate.py NAME=CHECKPOINT [NAME=CHECKPOINT ...] [--max-images 6]
+    python benchmarks/latent_rate.py NAME=CHECKPOINT [NAME=CHECKPOINT ...] [--max-images 6] [--out table.csv]
 """
 
 from __future__ import annotations
@@ -43,15 +45,21 @@ def latent_rate(model: SymmetricalTransFormer, images: list[torch.Tensor]) -> di
     slices: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     # Each slice's (y, scale, mean) as the model's own forward computes them.
     hook = gc.register_forward_pre_hook(lambda module, args: slices.append(tuple(a.detach() for a in args[:3])))
+    bottleneck = model.entropy_bottleneck
+    medians = bottleneck._get_medians().detach()
+    hyper: list[torch.Tensor] = []
+    z_hook = bottleneck.register_forward_pre_hook(lambda module, args: hyper.append(args[0].detach()))
     totals = dict.fromkeys(("y_bits", "z_bits", "bits_at_mean", "floor_bits", "floor_slice0", "abs_y", "at_mean",
                             "near_bound"), 0.0)
-    pixels, elements, scales = 0, 0, []
+    pixels, elements, scales, z_varies, z_elements = 0, 0, [], 0.0, 0
     try:
         for image in images:
             slices.clear()
             out = model(image_batch(image))
             pixels += image.shape[-1] * image.shape[-2]
             totals["z_bits"] += float(-torch.log2(out["likelihoods"]["z"].double()).sum())
+            z_varies += float((torch.round(hyper[-1] - medians) != 0).sum())
+            z_elements += hyper[-1].numel()
             for index, (y, scale, mean) in enumerate(slices):
                 residual = torch.round(y - mean)
                 bits = -torch.log2(gc.likelihood_lower_bound(gc._likelihood(residual + mean, scale, mean)))
@@ -69,7 +77,9 @@ def latent_rate(model: SymmetricalTransFormer, images: list[torch.Tensor]) -> di
                 scales.append(bounded.flatten())
     finally:
         hook.remove()
+        z_hook.remove()
     return {"y_bpp": totals["y_bits"] / pixels, "z_bpp": totals["z_bits"] / pixels,
+            "z_varies": z_varies / z_elements,
             "at_mean": totals["at_mean"] / elements, "bpp_at_mean": totals["bits_at_mean"] / pixels,
             "floor_bpp": totals["floor_bits"] / pixels,
             "floor_slice0_bpp": totals["floor_slice0"] / pixels, "scale_median": float(torch.cat(scales).median()),
@@ -82,6 +92,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--kodak", type=Path, default=DEFAULT_KODAK)
     parser.add_argument("--max-images", type=int, default=6)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, help="also write the table to this CSV")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,6 +106,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         rows.append({"model": name, **latent_rate(model, images)})
     table = pd.DataFrame(rows)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if args.out:
+        table.to_csv(args.out, index=False, float_format="%.5g")
+        print(f"wrote {args.out}")
     return table
 
 

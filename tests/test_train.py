@@ -74,7 +74,8 @@ def test_config_validation():
     for bad in ({"optimizer": "rmsprop"}, {"schedule": "step"}, {"metric": "psnr"}, {"steps": 0},
                 {"batch_size": 0}, {"lr": 0.0}, {"clip_max_norm": -1.0}, {"steps_per_epoch": 0},
                 {"plateau_factor": 1.5}, {"schedule_unit": "batch"}, {"precision": "fp16"},
-                {"checkpoint_every": 0}, {"num_workers": -1}, {"hyper_quantization": "round"}):
+                {"checkpoint_every": 0}, {"num_workers": -1}, {"hyper_quantization": "round"},
+                {"hyper_rate_warmup": -1}):
         with pytest.raises(ValueError):
             TrainConfig(**{"lmbda": 0.01, "steps": 1, **bad})
     config = TrainConfig(lmbda=0.01, steps=10, batch_size=16)
@@ -667,3 +668,37 @@ def test_cli_also_train_unfreezes_the_entropy_model_for_ablations(tmp_path):
     assert not any(k.startswith(("layers.", "syn_layers.")) for k in moved)  # the transforms only through adapters
     with pytest.raises(ValueError, match="--mode vanilla or lora"):
         train_mod.main([*common, "--run-dir", str(tmp_path / "full"), "--also-train", "entropy"])
+
+
+def test_hyper_rate_warmup_leaves_the_hyper_latent_unpriced_at_first(tmp_path, images):
+    """Weight 0 at step 0: the bottleneck's density gets no gradient (only the hyper-latent's rate
+    reaches it), so one Adam step leaves it as it was; without the warm-up it moves."""
+    def density(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in weights(model).items()
+                if k.startswith("entropy_bottleneck.") and "quantiles" not in k and v.is_floating_point()}
+
+    def density_after_one_step(warmup: int) -> dict[str, torch.Tensor]:
+        model = tiny_model(0)
+        config = TrainConfig(lmbda=0.0483, steps=1, batch_size=2, lr=1e-3, hyper_rate_warmup=warmup)
+        train(model, images, tmp_path / f"w{warmup}", config, progress=False)
+        return density(model)
+
+    before = density(tiny_model(0))
+    assert before
+    assert all(torch.equal(before[k], v) for k, v in density_after_one_step(5).items())
+    assert not all(torch.equal(before[k], v) for k, v in density_after_one_step(0).items())
+
+
+def test_cli_hyper_init_gain_scales_only_a_fresh_hyper_analysis(tmp_path):
+    tiny = [f"--model-set={k}={v}" for k, v in (("embed_dim", 8), ("depths", "[1,1,1,1]"),
+                                                  ("num_heads", "[1,2,2,4]"), ("num_slices", 4))]
+    base = ["--synthetic", "2", "--lmbda", "0.0483", "--steps", "1", "--run-dir", str(tmp_path), *tiny]
+    parser = train_mod._build_parser()
+    plain, _ = train_mod._cli_model(parser.parse_args(base), torch.device("cpu"))
+    scaled, _ = train_mod._cli_model(parser.parse_args([*base, "--hyper-init-gain", "300"]), torch.device("cpu"))
+    assert torch.equal(scaled.h_a[-1].weight, 300 * plain.h_a[-1].weight)
+    assert torch.equal(scaled.h_a[0].weight, plain.h_a[0].weight)
+    torch.save({"model": plain.state_dict()}, tmp_path / "init.pt")
+    loaded, _ = train_mod._cli_model(parser.parse_args([*base, "--hyper-init-gain", "300", "--init",
+                                                        str(tmp_path / "init.pt")]), torch.device("cpu"))
+    assert torch.equal(loaded.h_a[-1].weight, plain.h_a[-1].weight)  # given weights are never rescaled

@@ -52,10 +52,14 @@ def model_from_checkpoint(path: Path) -> tuple[SymmetricalTransFormer, dict]:
 
 
 def hyper_bpp(model: SymmetricalTransFormer, image: torch.Tensor) -> float:
-    """The hyper-latent's estimated rate (eval mode, rounded): near 0 when the hyperprior has collapsed."""
+    """The hyper-latent's estimated rate (eval mode, rounded): near 0 when the hyperprior has collapsed.
+
+    Only the analysis, the hyper-analysis and the bottleneck run: the rest of a forward pass
+    does not change the hyper-latent's likelihoods."""
     h, w = image.shape[-2:]
-    likelihoods = model(image_batch(image, torch.device("cpu")))["likelihoods"]
-    return float(bpp_from_likelihoods([likelihoods["z"].double()], h * w))
+    z = model.h_a(model.analysis(model._pad(image_batch(image))))
+    _, likelihoods = model.entropy_bottleneck(z)
+    return float(bpp_from_likelihoods([likelihoods.double()], h * w))
 
 
 def jpeg_curve(images: list[torch.Tensor]) -> pd.DataFrame:

@@ -116,19 +116,20 @@ def export(run_dir: Path, out: Path, lmbda: float) -> dict:
     return {"step": ckpt.get("step"), "dtype": "float16" if half else "float32"}
 
 
-def trained_weights(results: Path, lmbda: float) -> dict:
-    """One model's weights from a results folder: the GPU's ``weights-<lambda>.safetensors``, or the
-    ``fixed-rate-<lambda>/last.pt`` of a training folder (the CPU track, ``reports/cpu/training/``)."""
+def trained_weights(results: Path, lmbda: float) -> tuple[dict, dict]:
+    """One model's state dict and facts (its step, where known) from a results folder: the GPU's
+    ``weights-<lambda>.safetensors``, or the ``fixed-rate-<lambda>/last.pt`` of a training folder
+    (the CPU track, ``reports/cpu/training/``)."""
     from safetensors.torch import load_file
 
     from alice_lib.train import load_checkpoint
 
     exported, run = results / f"weights-{lmbda}.safetensors", results / f"fixed-rate-{lmbda}" / "last.pt"
     if exported.exists():
-        return {"state": load_file(str(exported))}
+        return load_file(str(exported)), {}
     if run.exists():
         ckpt = load_checkpoint(run)
-        return {"state": ckpt["model"], "step": ckpt["step"]}
+        return ckpt["model"], {"step": ckpt["step"]}
     raise FileNotFoundError(f"no weights for lambda {lmbda} in {results} ({exported.name} or {run.parent.name}/last.pt)")
 
 
@@ -141,9 +142,9 @@ def ship(results: Path, weights_dir: Path, facts: dict, lambdas: tuple[float, ..
 
     written = []
     for lmbda in lambdas:
-        found = trained_weights(results, lmbda)
+        state, found = trained_weights(results, lmbda)
         model = SymmetricalTransFormer(CPU.model.stf)
-        load_state_dict_checked(model, found.pop("state"), source=f"{results} ({lmbda})")
+        load_state_dict_checked(model, state, source=f"{results} ({lmbda})")
         dtype = torch.float32 if lmbda == ANCHOR else torch.float16
         path = (weights_dir / CPU.anchor.weights if lmbda == ANCHOR
                 else weights_dir / CPU.references.shipped_weights(lmbda).name)

@@ -123,6 +123,7 @@ class TrainConfig:
     ddp_find_unused_parameters: bool = False
     hyper_quantization: str = "ste"  # "ste" (STF) | "noise": the hyper-latent in training, see STF's attribute
     hyper_rate_warmup: int = 0  # steps over which the hyper-latent's rate enters the loss, weight 0 -> 1
+    hyper_lr_scale: float = 1.0  # learning rate of the hyperprior path (h_a, h_s, bottleneck) = lr x this
 
     @classmethod
     def from_schedule(cls, schedule, lmbda: float, metric: str, n_train: int) -> TrainConfig:
@@ -158,6 +159,8 @@ class TrainConfig:
             raise ValueError("clip_max_norm must be >= 0 (0 disables clipping)")
         if self.hyper_rate_warmup < 0:
             raise ValueError("hyper_rate_warmup must be >= 0 (0: the full rate from the first step)")
+        if not self.hyper_lr_scale > 0:
+            raise ValueError("hyper_lr_scale must be positive (1: the hyperprior learns at lr)")
         for name in ("steps_per_epoch", "checkpoint_every"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive (or None)")
@@ -226,6 +229,10 @@ class RateDistortionLoss(nn.Module):
             result["ms_ssim"] = ms_ssim_index(x_hat, target)
             distortion = 1 - result["ms_ssim"]
         return {"loss": self.lmbda * distortion + bpp, **result}
+
+
+# The hyperprior path of STF: what makes and reads the hyper-latent (``hyper_lr_scale``).
+HYPER_PATH_MODULES = ("h_a.", "h_mean_s.", "h_scale_s.", "entropy_bottleneck.")
 
 
 def _split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -509,12 +516,26 @@ class _Run:
         return self.run_dir / "metrics.csv"
 
 
-def _optimizers(config: TrainConfig, main: list[nn.Parameter], aux: list[nn.Parameter]):
+def _main_groups(model: nn.Module, main: list[nn.Parameter], config: TrainConfig) -> list[dict]:
+    """One parameter group, or two when the hyperprior path learns at its own rate (the schedule scales both)."""
+    if config.hyper_lr_scale == 1.0:
+        return [{"params": main}]
+    hyper_ids = {id(p) for name, p in model.named_parameters() if name.startswith(HYPER_PATH_MODULES)}
+    hyper = [p for p in main if id(p) in hyper_ids]
+    if not hyper:
+        raise ValueError("hyper_lr_scale is set but no trainable parameter is in the hyperprior path "
+                         f"({', '.join(m.rstrip('.') for m in HYPER_PATH_MODULES)})")
+    return [{"params": [p for p in main if id(p) not in hyper_ids]},
+            {"params": hyper, "lr": config.lr * config.hyper_lr_scale}]
+
+
+def _optimizers(config: TrainConfig, model: nn.Module, main: list[nn.Parameter], aux: list[nn.Parameter]):
     """The main optimizer (Adam or SGD) and, when the quantiles train, CompressAI's auxiliary Adam."""
+    groups = _main_groups(model, main, config)
     if config.optimizer == "adam":
-        optimizer = torch.optim.Adam(main, lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
     else:
-        optimizer = torch.optim.SGD(main, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     return optimizer, (torch.optim.Adam(aux, lr=config.aux_lr) if aux else None)
 
 
@@ -550,7 +571,7 @@ def _setup(model: nn.Module, train_data: Dataset, run_dir: Path, config: TrainCo
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                         generator=torch.Generator().manual_seed(config.seed))
     main_params, aux_params = _split_parameters(model)
-    optimizer, aux_optimizer = _optimizers(config, main_params, aux_params)
+    optimizer, aux_optimizer = _optimizers(config, model, main_params, aux_params)
     if rank == 0:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
     # Each rank draws its own quantisation noise; rank 0's stream is that of a one-process run.
@@ -929,6 +950,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hyper-init-gain", type=float, default=1.0, metavar="G",
                    help="a model from random weights: multiply the hyper-analysis's last convolution by G, so that "
                         "the hyper-latent varies by more than its rounding step from the start (trial)")
+    p.add_argument("--hyper-lr-scale", type=float, default=1.0, metavar="S",
+                   help="the hyperprior path (h_a, h_mean_s, h_scale_s, bottleneck) learns at lr x S, against "
+                        "hyperprior collapse (trial); 1 (default): one learning rate")
     p.add_argument("--hyper-quantization", choices=("ste", "noise"), default="ste",
                    help="the hyper-latent seen by the hyper-synthesis in training: rounded with a straight-through "
                         "gradient (ste, STF's reference) or with additive uniform noise (noise, Balle et al. 2018)")
@@ -1039,7 +1063,8 @@ def _cli_config(args: argparse.Namespace) -> TrainConfig:
         optimizer=args.optimizer, schedule=args.schedule, schedule_unit=args.schedule_unit,
         clip_max_norm=args.clip_max_norm, metric=args.metric, seed=args.seed, num_workers=args.num_workers,
         steps_per_epoch=args.steps_per_epoch, checkpoint_every=args.checkpoint_every, precision=args.precision,
-        tf32=args.tf32, hyper_quantization=args.hyper_quantization, hyper_rate_warmup=args.hyper_rate_warmup)
+        tf32=args.tf32, hyper_quantization=args.hyper_quantization, hyper_rate_warmup=args.hyper_rate_warmup,
+        hyper_lr_scale=args.hyper_lr_scale)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -75,7 +75,7 @@ def test_config_validation():
                 {"batch_size": 0}, {"lr": 0.0}, {"clip_max_norm": -1.0}, {"steps_per_epoch": 0},
                 {"plateau_factor": 1.5}, {"schedule_unit": "batch"}, {"precision": "fp16"},
                 {"checkpoint_every": 0}, {"num_workers": -1}, {"hyper_quantization": "round"},
-                {"hyper_rate_warmup": -1}):
+                {"hyper_rate_warmup": -1}, {"hyper_lr_scale": 0.0}):
         with pytest.raises(ValueError):
             TrainConfig(**{"lmbda": 0.01, "steps": 1, **bad})
     config = TrainConfig(lmbda=0.01, steps=10, batch_size=16)
@@ -702,3 +702,26 @@ def test_cli_hyper_init_gain_scales_only_a_fresh_hyper_analysis(tmp_path):
     loaded, _ = train_mod._cli_model(parser.parse_args([*base, "--hyper-init-gain", "300", "--init",
                                                         str(tmp_path / "init.pt")]), torch.device("cpu"))
     assert torch.equal(loaded.h_a[-1].weight, plain.h_a[-1].weight)  # given weights are never rescaled
+
+
+def test_hyper_lr_scale_gives_the_hyperprior_path_its_own_rate():
+    model = tiny_model(0)
+    main, aux = train_mod._split_parameters(model)
+    config = TrainConfig(lmbda=0.0483, steps=4, lr=1e-3, hyper_lr_scale=0.125)
+    optimizer, _ = train_mod._optimizers(config, model, main, aux)
+    rest, hyper = optimizer.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)].split(".")[0] for p in hyper["params"]} == {"h_a", "h_mean_s", "h_scale_s",
+                                                                     "entropy_bottleneck"}
+    assert not any(names[id(p)].startswith(train_mod.HYPER_PATH_MODULES) for p in rest["params"])
+    assert (rest["lr"], hyper["lr"]) == (1e-3, 1e-3 * 0.125)
+    scheduler = train_mod._scheduler(config, optimizer, steps_per_epoch=4)
+    optimizer.step(), scheduler.step()
+    assert hyper["lr"] == pytest.approx(rest["lr"] * 0.125)  # the schedule scales both groups alike
+    one, _ = train_mod._optimizers(replace(config, hyper_lr_scale=1.0), model, main, aux)
+    assert len(one.param_groups) == 1
+    for name, p in model.named_parameters():  # an adapter-only run has no hyperprior path to scale
+        p.requires_grad_(not name.startswith(train_mod.HYPER_PATH_MODULES))
+    main, aux = train_mod._split_parameters(model)
+    with pytest.raises(ValueError, match="no trainable parameter is in the hyperprior path"):
+        train_mod._optimizers(config, model, main, aux)

@@ -835,9 +835,28 @@ def train(model: nn.Module, train_data: Dataset, run_dir: str | Path, config: Tr
     stop the run; the checkpoint just written is the place to resume from).
     A run that is already complete returns the last row of its ``metrics.csv``.
     """
-    if hasattr(model, "hyper_quantization"):
-        model.hyper_quantization = config.hyper_quantization
-    run = _setup(model, train_data, Path(run_dir), config, extra_state)
+    with _hyper_quantization(model, config.hyper_quantization):
+        return _train(model, train_data, Path(run_dir), config, val_data, resume, extra_state, progress,
+                      on_epoch_end)
+
+
+@contextlib.contextmanager
+def _hyper_quantization(model: nn.Module, mode: str) -> Iterator[None]:
+    """The model's training-time hyper-latent quantisation for the run, restored afterwards."""
+    if not hasattr(model, "hyper_quantization"):
+        yield
+        return
+    previous, model.hyper_quantization = model.hyper_quantization, mode
+    try:
+        yield
+    finally:
+        model.hyper_quantization = previous
+
+
+def _train(model: nn.Module, train_data: Dataset, run_dir: Path, config: TrainConfig, val_data: Dataset | None,
+           resume: bool, extra_state: dict | None, progress: bool,
+           on_epoch_end: Callable[[dict], None] | None) -> dict:
+    run = _setup(model, train_data, run_dir, config, extra_state)
     epoch = _resume(run) if resume and run.last_path.exists() else _fresh_start(run)
     _wrap_ddp(run)
     run.net.train()

@@ -725,3 +725,11 @@ def test_hyper_lr_scale_gives_the_hyperprior_path_its_own_rate():
     main, aux = train_mod._split_parameters(model)
     with pytest.raises(ValueError, match="no trainable parameter is in the hyperprior path"):
         train_mod._optimizers(config, model, main, aux)
+
+
+def test_train_sets_the_hyper_quantization_for_the_run_only(tmp_path, images):
+    model, seen = tiny_model(0), []
+    config = TrainConfig(lmbda=0.0483, steps=1, batch_size=2, lr=1e-3, hyper_quantization="noise")
+    train(model, images, tmp_path, config, progress=False,
+          on_epoch_end=lambda row: seen.append(model.hyper_quantization))
+    assert seen == ["noise"] and model.hyper_quantization == "ste"

@@ -231,10 +231,6 @@ class RateDistortionLoss(nn.Module):
         return {"loss": self.lmbda * distortion + bpp, **result}
 
 
-# The hyperprior path of STF: what makes and reads the hyper-latent (``hyper_lr_scale``).
-HYPER_PATH_MODULES = ("h_a.", "h_mean_s.", "h_scale_s.", "entropy_bottleneck.")
-
-
 def _split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Trainable parameters: (main, aux); aux are the entropy bottleneck's ``quantiles``."""
     main, aux = [], []
@@ -520,11 +516,11 @@ def _main_groups(model: nn.Module, main: list[nn.Parameter], config: TrainConfig
     """One parameter group, or two when the hyperprior path learns at its own rate (the schedule scales both)."""
     if config.hyper_lr_scale == 1.0:
         return [{"params": main}]
-    hyper_ids = {id(p) for name, p in model.named_parameters() if name.startswith(HYPER_PATH_MODULES)}
+    modules = getattr(model, "HYPERPRIOR", ())  # SymmetricalTransFormer.HYPERPRIOR
+    hyper_ids = {id(p) for name, p in model.named_parameters() if name.split(".")[0] in modules}
     hyper = [p for p in main if id(p) in hyper_ids]
     if not hyper:
-        raise ValueError("hyper_lr_scale is set but no trainable parameter is in the hyperprior path "
-                         f"({', '.join(m.rstrip('.') for m in HYPER_PATH_MODULES)})")
+        raise ValueError(f"hyper_lr_scale is set but no trainable parameter is in the hyperprior path {modules}")
     return [{"params": [p for p in main if id(p) not in hyper_ids]},
             {"params": hyper, "lr": config.lr * config.hyper_lr_scale}]
 

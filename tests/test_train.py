@@ -713,7 +713,7 @@ def test_hyper_lr_scale_gives_the_hyperprior_path_its_own_rate():
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)].split(".")[0] for p in hyper["params"]} == {"h_a", "h_mean_s", "h_scale_s",
                                                                      "entropy_bottleneck"}
-    assert not any(names[id(p)].startswith(train_mod.HYPER_PATH_MODULES) for p in rest["params"])
+    assert not any(names[id(p)].split(".")[0] in SymmetricalTransFormer.HYPERPRIOR for p in rest["params"])
     assert (rest["lr"], hyper["lr"]) == (1e-3, 1e-3 * 0.125)
     scheduler = train_mod._scheduler(config, optimizer, steps_per_epoch=4)
     optimizer.step(), scheduler.step()
@@ -721,7 +721,7 @@ def test_hyper_lr_scale_gives_the_hyperprior_path_its_own_rate():
     one, _ = train_mod._optimizers(replace(config, hyper_lr_scale=1.0), model, main, aux)
     assert len(one.param_groups) == 1
     for name, p in model.named_parameters():  # an adapter-only run has no hyperprior path to scale
-        p.requires_grad_(not name.startswith(train_mod.HYPER_PATH_MODULES))
+        p.requires_grad_(name.split(".")[0] not in SymmetricalTransFormer.HYPERPRIOR)
     main, aux = train_mod._split_parameters(model)
     with pytest.raises(ValueError, match="no trainable parameter is in the hyperprior path"):
         train_mod._optimizers(config, model, main, aux)

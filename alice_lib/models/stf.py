@@ -158,6 +158,8 @@ class SymmetricalTransFormer(CompressionModel):
     #: coders): what ALICE keeps frozen. Ablations unfreeze them by these names.
     ENTROPY_MODEL = ("h_a", "h_mean_s", "h_scale_s", "cc_mean_transforms", "cc_scale_transforms",
                      "lrp_transforms", "entropy_bottleneck", "gaussian_conditional")
+    #: The part of it that makes, codes and reads the hyper-latent (training's ``hyper_lr_scale``).
+    HYPERPRIOR = ("h_a", "h_mean_s", "h_scale_s", "entropy_bottleneck")
 
     def __init__(self, config: STFConfig | None = None, **overrides):
         super().__init__()

@@ -38,7 +38,7 @@ from . import settings as settings_lib
 from .planning import ExperimentPlan, Progress, make_plan
 from .settings import (RESULT_LABEL, TRAINING_MODES, RunLayout, Settings, SettingsError,
                        TrainingSettings, lmbda_tag, load_settings, split_parameters)
-from .train import TrainConfig, train
+from .train import TrainConfig, amplify_hyper_latent, train
 from .utils import atomic_copy, atomic_write_bytes
 
 PACKAGE_DIR = settings_lib.PACKAGE_DIR
@@ -157,6 +157,7 @@ def train_from_scratch(profile, run_dir: str | Path, lmbda: float, out_path: Pat
     schedule = settings.anchor.train
     torch.manual_seed(schedule.seed)
     model = SymmetricalTransFormer(settings.model.stf)
+    amplify_hyper_latent(model, schedule.hyper_init_gain)
     train_set, val_set = training_sets(settings, run_dir, schedule)
     folder = RunLayout(run_dir).anchor_training(lmbda)
     config = TrainConfig.from_schedule(schedule, lmbda, settings.model.metric, len(train_set))

@@ -92,6 +92,8 @@ class TrainingSettings:
     tf32: bool = False
     num_workers: int | None = None  # None: the training loop decides (0 on a CPU, workers on a GPU)
     validate_every: int | None = None  # with ``steps``: validate and log every N steps instead of every pass
+    hyper_init_gain: float = 1.0  # from random weights: h_a's last layer x this (train.amplify_hyper_latent)
+    hyper_lr_scale: float = 1.0  # the hyperprior path learns at lr x this (TrainConfig.hyper_lr_scale)
 
     def __post_init__(self) -> None:
         if (self.epochs is None) == (self.steps is None):
@@ -104,6 +106,9 @@ class TrainingSettings:
                 raise SettingsError(f"{name} must be a positive integer, got {value!r}")
         if not float(self.lr) > 0:
             raise SettingsError(f"lr must be positive, got {self.lr!r}")
+        for name in ("hyper_init_gain", "hyper_lr_scale"):
+            if not float(getattr(self, name)) > 0:
+                raise SettingsError(f"{name} must be positive (1: unchanged), got {getattr(self, name)!r}")
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("schedule_unit", self.schedule_unit, SCHEDULE_UNITS)
         _choice("precision", self.precision, PRECISIONS)

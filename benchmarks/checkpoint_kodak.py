@@ -26,6 +26,7 @@ from alice_lib.evaluation.coding import image_batch
 from alice_lib.evaluation.classical import code_classical
 from alice_lib.lora import LoRAConfig, inject_lora, merge_lora
 from alice_lib.models.stf import STFConfig, SymmetricalTransFormer
+from alice_lib.settings import load_settings
 from alice_lib.train import load_checkpoint
 from alice_lib.utils import bpp_from_likelihoods
 
@@ -41,8 +42,10 @@ def model_from_checkpoint(path: Path) -> tuple[SymmetricalTransFormer, dict]:
         return load_stf(path), {"step": metadata.get("step"), "lmbda": metadata.get("lmbda")}
     ckpt = load_checkpoint(path)
     model = SymmetricalTransFormer(STFConfig(**ckpt["model_config"]))
-    if ckpt.get("lora_config"):  # an ALICE run: adapters on the frozen anchor, coded merged (MALICE)
-        inject_lora(model, LoRAConfig.from_dict(ckpt["lora_config"]))
+    if any(".lora." in key for key in ckpt["model"]):  # an ALICE run: adapters on the frozen anchor, coded merged
+        # the CLI stores its LoRA settings; the pipeline's runs use their profile's (cpu: r 8, alpha 8)
+        lora = LoRAConfig.from_dict(ckpt["lora_config"]) if ckpt.get("lora_config") else load_settings("cpu").model.lora
+        inject_lora(model, lora)
         model.load_state_dict(ckpt["model"])
         merge_lora(model, strip=True)
     else:

@@ -81,6 +81,19 @@ def test_results_come_from_real_bitstreams(smoke_run):
     assert (alice["psnr"] - malice["psnr"]).abs().max() < 0.05
 
 
+def test_training_from_scratch_follows_the_profiles_hyperprior_recipe(tmp_path, monkeypatch):
+    spec = wb.load_profile("smoke", {"anchor.train.hyper_init_gain": 300, "anchor.train.hyper_lr_scale": 0.125})
+    seen = {}
+    monkeypatch.setattr(wb, "training_sets", lambda *args: ([None] * 8, None))
+    monkeypatch.setattr(wb, "train", lambda model, data, folder, config, **kw: seen.update(model=model, config=config))
+    monkeypatch.setattr(wb, "export_trained", lambda folder, out: out)
+    wb.train_from_scratch(spec, tmp_path, 0.0483, tmp_path / "anchor.safetensors", progress=False)
+    torch.manual_seed(spec.anchor.train.seed)
+    fresh = wb.SymmetricalTransFormer(spec.model.stf)
+    assert torch.equal(seen["model"].h_a[-1].weight, 300 * fresh.h_a[-1].weight)
+    assert seen["config"].hyper_lr_scale == 0.125
+
+
 def test_references_are_trained_from_scratch_with_the_anchors_recipe(smoke_run):
     run_dir, reports, _ = smoke_run
     spec = wb.load_profile("smoke")
@@ -144,6 +157,8 @@ def test_cpu_profile_keeps_its_schedule_and_states_its_choices():
     assert cpu.adaptation.training("vanilla") == s  # one budget for every method
     assert (cpu.data.val_source, cpu.data.val_images, cpu.data.val_crop) == ("held_out", 16, 256)
     assert cpu.anchor.weights == "cpu_anchor.safetensors" and cpu.anchor.train.steps == 1600
+    # the shipped set's recipe; recipe v2 (reports/cpu/recipe-v2-gpu/) sets these to 300 and 0.125
+    assert (cpu.anchor.train.hyper_init_gain, cpu.anchor.train.hyper_lr_scale) == (1.0, 1.0)
     assert (cpu.references.source, cpu.references.weights) == ("scratch", "cpu_fixed_{lmbda}.safetensors")
     text = (wb.PROFILE_DIR / "cpu.yaml").read_text()
     for key in ("flip: true", "schedule_unit: step", "val_source: held_out"):

@@ -733,3 +733,27 @@ def test_train_sets_the_hyper_quantization_for_the_run_only(tmp_path, images):
     train(model, images, tmp_path, config, progress=False,
           on_epoch_end=lambda row: seen.append(model.hyper_quantization))
     assert seen == ["noise"] and model.hyper_quantization == "ste"
+
+
+def test_a_profile_schedule_carries_the_hyperprior_recipe():
+    from alice_lib.settings import SettingsError, TrainingSettings
+
+    schedule = TrainingSettings(lr=8e-4, batch_size=4, crop=64, steps=10, hyper_init_gain=300, hyper_lr_scale=0.125)
+    assert TrainConfig.from_schedule(schedule, 0.0483, "mse", 20).hyper_lr_scale == 0.125
+    plain = TrainingSettings(lr=8e-4, batch_size=4, crop=64, steps=10)
+    assert TrainConfig.from_schedule(plain, 0.0483, "mse", 20).hyper_lr_scale == 1.0
+    for name in ("hyper_init_gain", "hyper_lr_scale"):
+        with pytest.raises(SettingsError, match=name):
+            TrainingSettings(lr=8e-4, batch_size=4, crop=64, steps=10, **{name: 0})
+
+
+def test_amplify_hyper_latent_scales_the_last_hyper_analysis_layer_only():
+    plain, scaled = tiny_model(0), tiny_model(0)
+    train_mod.amplify_hyper_latent(scaled, 300)
+    assert torch.equal(scaled.h_a[-1].weight, 300 * plain.h_a[-1].weight)
+    assert torch.equal(scaled.h_a[-1].bias, 300 * plain.h_a[-1].bias)
+    assert torch.equal(scaled.h_a[0].weight, plain.h_a[0].weight)
+    train_mod.amplify_hyper_latent(plain, 1.0)
+    assert torch.equal(plain.h_a[-1].weight, tiny_model(0).h_a[-1].weight)
+    with pytest.raises(ValueError, match="positive"):
+        train_mod.amplify_hyper_latent(plain, -1.0)

@@ -63,7 +63,8 @@ def _launch(args: argparse.Namespace, run_dir: Path, lmbda: float, steps: int, p
     command = [sys.executable, "-m", "alice_lib.train", "--data", args.data, "--run-dir", str(run_dir),
                "--lmbda", str(lmbda), "--steps", str(steps), "--steps-per-epoch", str(per_epoch),
                "--batch-size", str(args.batch_size), "--crop", str(args.crop), "--lr", str(args.lr),
-               "--seed", str(args.seed), "--no-resume", *RECIPE]
+               "--seed", str(args.seed), "--no-resume", *RECIPE,
+               "--hyper-init-gain", str(args.hyper_init_gain), "--hyper-lr-scale", str(args.hyper_lr_scale)]
     if args.init_from:
         command += ["--init", str(args.init_from / f"fixed-rate-{lmbda}" / "last.pt")]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
@@ -171,6 +172,10 @@ def main() -> None:
     parser.add_argument("--steps-per-epoch", type=int, help=f"default: {VALIDATIONS} validations per run")
     parser.add_argument("--init-from", type=Path, help="a previous --work folder: continue each model from it")
     parser.add_argument("--crop", type=int, default=256)
+    parser.add_argument("--hyper-init-gain", type=float, default=1.0,
+                        help="alice_lib.train's; recipe v2 (reports/cpu/hyperprior/, section 3) uses 300")
+    parser.add_argument("--hyper-lr-scale", type=float, default=1.0,
+                        help="alice_lib.train's; recipe v2 uses 0.125")
     parser.add_argument("--startup-s", type=float, default=25.0, help="expected start-up time of a process")
     args = parser.parse_args()
     if args.ship:
@@ -195,7 +200,8 @@ def main() -> None:
     plan = {"calibration_s_per_step": step_s, "steps": steps, "steps_per_epoch": per_epoch,
             "processes": len(LAMBDAS), "recipe": RECIPE, "lr": args.lr, "seed": args.seed,
             "init_from": str(args.init_from) if args.init_from else None,
-            "batch_size": args.batch_size, "crop": args.crop, "calibrated_after_s": time.time() - started}
+            "batch_size": args.batch_size, "crop": args.crop, "hyper_init_gain": args.hyper_init_gain,
+            "hyper_lr_scale": args.hyper_lr_scale, "calibrated_after_s": time.time() - started}
     print(json.dumps(plan), flush=True)
 
     runs = {l: args.work / f"fixed-rate-{l}" for l in LAMBDAS}

@@ -247,7 +247,7 @@ class NonFiniteLossError(FloatingPointError):
     """The loss (or the gradient) became NaN or infinite; the last checkpoint is left untouched."""
 
 
-# ---------------------------------------------------------------------------- files
+# ---------------------------------------------------------------------------- model
 def amplify_hyper_latent(model: nn.Module, gain: float) -> None:
     """Scale the last layer of ``h_a`` of a freshly initialised STF by ``gain`` (1: unchanged).
 
@@ -265,6 +265,7 @@ def amplify_hyper_latent(model: nn.Module, gain: float) -> None:
         last.bias.mul_(gain)
 
 
+# ---------------------------------------------------------------------------- files
 def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint written by :func:`train` (on the CPU), with a clear error for anything else."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)

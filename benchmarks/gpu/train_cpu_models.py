@@ -172,10 +172,10 @@ def main() -> None:
     parser.add_argument("--steps-per-epoch", type=int, help=f"default: {VALIDATIONS} validations per run")
     parser.add_argument("--init-from", type=Path, help="a previous --work folder: continue each model from it")
     parser.add_argument("--crop", type=int, default=256)
-    parser.add_argument("--hyper-init-gain", type=float, default=1.0,
-                        help="alice_lib.train's; recipe v2 (reports/cpu/hyperprior/, section 3) uses 300")
-    parser.add_argument("--hyper-lr-scale", type=float, default=1.0,
-                        help="alice_lib.train's; recipe v2 uses 0.125")
+    parser.add_argument("--hyper-init-gain", type=float, default=CPU.anchor.train.hyper_init_gain,
+                        help="default: the cpu profile's; recipe v2 (reports/cpu/recipe-v2-gpu/) uses 300")
+    parser.add_argument("--hyper-lr-scale", type=float, default=CPU.anchor.train.hyper_lr_scale,
+                        help="default: the cpu profile's; recipe v2 uses 0.125")
     parser.add_argument("--startup-s", type=float, default=25.0, help="expected start-up time of a process")
     args = parser.parse_args()
     if args.ship:

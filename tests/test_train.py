@@ -757,3 +757,20 @@ def test_amplify_hyper_latent_scales_the_last_hyper_analysis_layer_only():
     assert torch.equal(plain.h_a[-1].weight, tiny_model(0).h_a[-1].weight)
     with pytest.raises(ValueError, match="positive"):
         train_mod.amplify_hyper_latent(plain, -1.0)
+
+
+def test_adaptation_mosaics_tile_the_item_and_three_random_crops():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "adapt_mosaic.py"
+    spec = importlib.util.spec_from_file_location("adapt_mosaic", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tiles = [torch.full((3, 4, 4), float(i)) for i in range(5)]
+    mosaics = module.Mosaics(tiles)
+    torch.manual_seed(0)
+    first = mosaics[2]
+    assert len(mosaics) == 5 and first.shape == (3, 8, 8)
+    assert torch.equal(first[:, :4, :4], tiles[2])  # the item itself, top left
+    torch.manual_seed(0)
+    assert torch.equal(mosaics[2], first)  # the others come from the (seeded) global generator

@@ -271,6 +271,31 @@ class ImageFolder(Dataset):
         return patch.float().div_(255)
 
 
+class Mosaics(Dataset):
+    """Item ``i``: crop ``i`` of ``tiles`` and ``side**2 - 1`` random others, as one ``side x side`` image.
+
+    Larger training inputs from small photographs: adapters trained from an anchor with a
+    live hyperprior on 256 px crops (a 4x4 hyper-latent, all of it next to the border)
+    learn a cost that does not hold inside whole images; 2x2 mosaics remove that effect
+    (``reports/cpu/recipe-v2-gpu/``). The others come from torch's global generator, which
+    the training loop seeds per item, so mosaics are reproducible like the crops.
+    """
+
+    def __init__(self, tiles: Dataset, side: int = 2):
+        if int(side) != side or side < 1:
+            raise ValueError(f"mosaic side must be a positive integer, got {side!r}")
+        self.tiles, self.side = tiles, int(side)
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        others = torch.randint(len(self.tiles), (self.side ** 2 - 1,)).tolist()
+        tiles = [self.tiles[i] for i in (index, *others)]
+        rows = [torch.cat(tiles[r * self.side:(r + 1) * self.side], dim=-1) for r in range(self.side)]
+        return torch.cat(rows, dim=-2)
+
+
 # --------------------------------------------------------------------------- Kodak
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:

@@ -134,16 +134,21 @@ def training_sets(profile, run_dir: str | Path, schedule: TrainingSettings) -> t
                                 f"{spec.val_source!r}: run notebooks/01_data.ipynb again")
         val_set = data_lib.ImageFolder(sources["val"]["path"], spec.val_crop, train=False,
                                        max_images=spec.val_images or None, cache=spec.cache)
-        return train_set, val_set
+        return _mosaics(train_set, schedule), val_set
     n_val = min(spec.val_images, len(train_set) // 4)
     if n_val == 0:
-        return train_set, None
+        return _mosaics(train_set, schedule), None
     val_set = data_lib.ImageFolder(folder, spec.val_crop, train=False, max_images=spec.train_images, cache=spec.cache)
     if len(val_set) != len(train_set):  # a different crop skipped other files: validate on the train crops
         val_set = data_lib.ImageFolder(folder, schedule.crop, train=False, max_images=spec.train_images,
                                        cache=spec.cache)
     split = len(train_set) - n_val
-    return Subset(train_set, range(split)), Subset(val_set, range(split, len(val_set)))
+    return _mosaics(Subset(train_set, range(split)), schedule), Subset(val_set, range(split, len(val_set)))
+
+
+def _mosaics(train_set: Dataset, schedule: TrainingSettings) -> Dataset:
+    """The training crops, tiled into mosaics where the schedule asks (validation stays plain crops)."""
+    return data_lib.Mosaics(train_set, schedule.mosaic) if schedule.mosaic > 1 else train_set
 
 
 # ----------------------------------------------------------------------------- fixed-rate models

@@ -303,7 +303,7 @@ def measure_costs(settings: Settings, device: str | torch.device | None = None, 
         schedule = settings.adaptation.training(method)
         batch = min(schedule.batch_size, max_batch)
         mark_trainable(model, TRAINING_MODES[method], settings.model.lora)
-        step_seconds[method] = _step_seconds(model, criterion, batch, schedule.crop, steps, device) \
+        step_seconds[method] = _step_seconds(model, criterion, batch, schedule.input_size, steps, device) \
             * schedule.batch_size / batch
     model.eval().update(force=True)
     x = _smooth_images(1, (256, 256)).to(device)
@@ -357,7 +357,7 @@ def prior_costs(settings: Settings) -> Costs:
     for m in settings.adaptation.methods:
         s = settings.adaptation.training(m)
         base = GPU_STEP_SECONDS.get(m, GPU_STEP_SECONDS["full"]) if kind == "cuda" else 30.0
-        steps[m] = base * scale * s.batch_size / 16 * (s.crop / 256) ** 2
+        steps[m] = base * scale * s.batch_size / 16 * (s.input_size / 256) ** 2
     image = PUBLISHED_IMAGE_SECONDS[kind] * scale
     return Costs(device=_device_name(torch.device(kind)), step_seconds=steps,
                  image_seconds=image, classical_image_seconds=0.15,

@@ -94,13 +94,14 @@ class TrainingSettings:
     validate_every: int | None = None  # with ``steps``: validate and log every N steps instead of every pass
     hyper_init_gain: float = 1.0  # from random weights: h_a's last layer x this (train.amplify_hyper_latent)
     hyper_lr_scale: float = 1.0  # the hyperprior path learns at lr x this (TrainConfig.hyper_lr_scale)
+    mosaic: int = 1  # >1: each training image is a mosaic x mosaic grid of crops (data.Mosaics)
 
     def __post_init__(self) -> None:
         if (self.epochs is None) == (self.steps is None):
             raise SettingsError("give exactly one of epochs and steps")
         if self.validate_every is not None and self.epochs is not None:
             raise SettingsError("validate_every goes with steps; with epochs validation is once per epoch")
-        for name in ("epochs", "steps", "batch_size", "crop", "checkpoint_every", "validate_every"):
+        for name in ("epochs", "steps", "batch_size", "crop", "checkpoint_every", "validate_every", "mosaic"):
             value = getattr(self, name)
             if value is not None and (int(value) != value or value <= 0):
                 raise SettingsError(f"{name} must be a positive integer, got {value!r}")
@@ -114,6 +115,11 @@ class TrainingSettings:
         _choice("precision", self.precision, PRECISIONS)
         if self.schedule_unit == "epoch" and self.epochs is None:
             raise SettingsError("schedule_unit: epoch needs the length in epochs")
+
+    @property
+    def input_size(self) -> int:
+        """The side of one training image: the crop, or a mosaic of crops."""
+        return self.crop * self.mosaic
 
     def steps_per_epoch(self, n_train: int) -> int:
         """Optimiser steps in one pass over ``n_train`` images at the global batch (last partial batch dropped)."""

@@ -966,6 +966,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8,
                    help="global batch: each of W processes takes batch-size / W images (W must divide it)")
     p.add_argument("--crop", type=int, default=256)
+    p.add_argument("--mosaic", type=int, default=1, metavar="N",
+                   help="train on NxN mosaics of crops (data.Mosaics; validation keeps plain crops)")
     p.add_argument("--val-crop", type=int, default=256)
     p.add_argument("--val-images", type=int, default=0)
     p.add_argument("--max-images", type=int)
@@ -1075,17 +1077,20 @@ def _cli_datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset | None]:
         return SyntheticImages(args.synthetic, args.crop, seed=args.seed), val
     from torch.utils.data import Subset
 
-    from .data import ImageFolder
+    from .data import ImageFolder, Mosaics
 
     train_folder = ImageFolder(args.data, args.crop, train=True, max_images=args.max_images, flip=not args.no_flip)
     n = len(train_folder)
     split = n - args.val_images
     if split <= 0:
         raise ValueError(f"--val-images {args.val_images} leaves no training image out of {n}")
+    train_set = Subset(train_folder, range(split))
+    if args.mosaic > 1:
+        train_set = Mosaics(train_set, args.mosaic)
     if not args.val_images:
-        return Subset(train_folder, range(split)), None
+        return train_set, None
     val_folder = ImageFolder(args.data, args.val_crop, train=False, max_images=args.max_images)
-    return Subset(train_folder, range(split)), Subset(val_folder, range(split, n))
+    return train_set, Subset(val_folder, range(split, n))
 
 
 def _cli_config(args: argparse.Namespace) -> TrainConfig:

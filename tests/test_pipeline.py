@@ -10,6 +10,7 @@ import contextlib
 import os
 
 import pandas as pd
+from PIL import Image
 import torch
 import pytest
 
@@ -92,6 +93,26 @@ def test_training_from_scratch_follows_the_profiles_hyperprior_recipe(tmp_path, 
     fresh = wb.SymmetricalTransFormer(spec.model.stf)
     assert torch.equal(seen["model"].h_a[-1].weight, 300 * fresh.h_a[-1].weight)
     assert seen["config"].hyper_lr_scale == 0.125
+
+
+def test_a_mosaic_schedule_tiles_the_training_crops(tmp_path, monkeypatch):
+    from alice_lib.settings import SettingsError, TrainingSettings
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(8):
+        Image.new("RGB", (40, 40), (i * 30, 0, 0)).save(folder / f"{i}.png")
+    monkeypatch.setattr(wb, "data_sources", lambda run_dir: {"train": {"path": str(folder)}})
+    spec = wb.load_profile("smoke", {"data.val_images": 2, "data.val_crop": 16})
+    plain = TrainingSettings(lr=1e-3, batch_size=1, crop=16, steps=2)
+    train_set, val_set = wb.training_sets(spec, tmp_path, plain)
+    assert train_set[0].shape == (3, 16, 16)
+    train_set, val_set = wb.training_sets(spec, tmp_path, TrainingSettings(lr=1e-3, batch_size=1, crop=16, steps=2,
+                                                                           mosaic=2))
+    assert train_set[0].shape == (3, 32, 32) and val_set[0].shape == (3, 16, 16) and len(train_set) == 6
+    assert TrainingSettings(lr=1e-3, batch_size=1, crop=16, steps=2, mosaic=2).input_size == 32
+    with pytest.raises(SettingsError, match="mosaic"):
+        TrainingSettings(lr=1e-3, batch_size=1, crop=16, steps=2, mosaic=0)
 
 
 def test_references_are_trained_from_scratch_with_the_anchors_recipe(smoke_run):

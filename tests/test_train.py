@@ -759,18 +759,30 @@ def test_amplify_hyper_latent_scales_the_last_hyper_analysis_layer_only():
         train_mod.amplify_hyper_latent(plain, -1.0)
 
 
-def test_adaptation_mosaics_tile_the_item_and_three_random_crops():
-    import importlib.util
+def test_mosaics_tile_the_item_and_random_crops_reproducibly():
+    from alice_lib.data import Mosaics
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "adapt_mosaic.py"
-    spec = importlib.util.spec_from_file_location("adapt_mosaic", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     tiles = [torch.full((3, 4, 4), float(i)) for i in range(5)]
-    mosaics = module.Mosaics(tiles)
+    mosaics = Mosaics(tiles, 2)
     torch.manual_seed(0)
     first = mosaics[2]
     assert len(mosaics) == 5 and first.shape == (3, 8, 8)
     assert torch.equal(first[:, :4, :4], tiles[2])  # the item itself, top left
     torch.manual_seed(0)
     assert torch.equal(mosaics[2], first)  # the others come from the (seeded) global generator
+    assert Mosaics(tiles, 3)[0].shape == (3, 12, 12)
+    with pytest.raises(ValueError, match="positive integer"):
+        Mosaics(tiles, 0)
+
+
+def test_cli_mosaic_tiles_the_training_crops_and_keeps_validation_plain(tmp_path):
+    from PIL import Image
+
+    for i in range(6):
+        Image.new("RGB", (40, 40), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
+    args = train_mod._build_parser().parse_args(["--data", str(tmp_path), "--run-dir", str(tmp_path / "run"),
+                                                 "--crop", "16", "--val-crop", "16", "--val-images", "2",
+                                                 "--mosaic", "2", "--lmbda", "0.0018", "--steps", "1"])
+    train_set, val_set = train_mod._cli_datasets(args)
+    assert len(train_set) == 4 and train_set[0].shape == (3, 32, 32)
+    assert len(val_set) == 2 and val_set[0].shape == (3, 16, 16)

@@ -267,11 +267,13 @@ def rate_artifact(run_dir: str | Path, method: str, lmbda: float) -> Path:
     return RunLayout(run_dir).rate_artifact(method, lmbda)
 
 
-def adapt(profile, run_dir: str | Path, lmbda: float, method: str, progress: bool = True) -> dict:
+def adapt(profile, run_dir: str | Path, lmbda: float, method: str, progress: bool = True,
+          device: str | torch.device | None = None) -> dict:
     """Train one method at one target lambda from the anchor (03_adapt); resumes, never trains twice.
 
     Returns a summary with the artefact path, the parameter counts, the schedule
-    actually run (steps, epochs, training images) and the last metrics.
+    actually run (steps, epochs, training images) and the last metrics. ``device``:
+    where to train (default the CPU); the artefact is written from the CPU either way.
     """
     if method not in TRAINING_MODES:
         raise PipelineError(f"unknown method {method!r}; choose one of {tuple(TRAINING_MODES)}")
@@ -288,6 +290,7 @@ def adapt(profile, run_dir: str | Path, lmbda: float, method: str, progress: boo
     if out.exists():
         return {**summary, "status": "already trained"}
     train_set, val_set = training_sets(settings, run_dir, schedule)
+    model.to(device or "cpu")
     config = TrainConfig.from_schedule(schedule, lmbda, settings.model.metric, len(train_set))
     hook = epoch_check(settings, run_dir, model, method, lmbda) if settings.adaptation.epoch_check.enabled else None
     folder = layout.rate_training(method, lmbda)
@@ -296,7 +299,7 @@ def adapt(profile, run_dir: str | Path, lmbda: float, method: str, progress: boo
                 extra_state={"model_config": model.config.to_dict(), "mode": method, "lmbda": lmbda})
     best = torch.load(folder / ("best.pt" if val_set is not None else "last.pt"), map_location="cpu",
                       weights_only=True)
-    model.load_state_dict(best["model"])
+    model.cpu().load_state_dict(best["model"])
     meta = {"lmbda": lmbda, "method": method, "anchor_lmbda": settings.anchor.lmbda, "steps": best["step"]}
     if method == "alice":
         save_adapters(out, model, lmbda=lmbda, config=lora, extra_metadata=meta)

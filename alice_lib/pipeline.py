@@ -104,9 +104,16 @@ def prepare_data(profile, run_dir: str | Path, kodak: str | None = None, train_f
                                       allow_download=allow_download)
     if val is not None:
         sources["val"] = val
+    return record_sources(run_dir, sources)
+
+
+def record_sources(run_dir: str | Path, sources: Mapping[str, data_lib.DataSource]) -> dict:
+    """Write resolved data folders (``kodak``, ``train``, ``val``) into the run's ``data.json``."""
     record = {name: {"path": str(src.path), "kind": src.kind, "is_kodak": src.is_kodak, "note": src.note,
                      "images": data_lib.count_images(src.path)} for name, src in sources.items()}
-    atomic_write_bytes(RunLayout(run_dir).data_json, json.dumps(record, indent=2).encode())
+    path = RunLayout(run_dir).data_json
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps(record, indent=2).encode())
     return record
 
 
@@ -549,7 +556,7 @@ def _execute(pm, step: NotebookRun, kernel_name: str | None, bar: Progress) -> f
 
 __all__ = [
     "PipelineError", "load_profile", "model_config", "lora_config", "prepare_data", "data_sources",
-    "prepare_anchor", "published_references", "prepare_references", "load_anchor", "adapt", "load_rate_model", "evaluate_run",
+    "record_sources", "prepare_anchor", "published_references", "prepare_references", "load_anchor", "adapt", "load_rate_model", "evaluate_run",
     "parameter_rows", "notebook_runs", "run_pipeline", "published_points",
     "RESULT_LABEL", "TRAINING_MODES", "lmbda_tag", "epoch_check", "training_sets", "RunLayout", "Settings",
 ]

@@ -82,7 +82,8 @@ def main() -> None:
             parser.error(f"expected STEPS=FOLDER, got {item!r}")
         runs[int(steps)] = Path(folder)
     table = budget_rows(runs)
-    wide = table.assign(lmbda=table.lmbda.map("{:g}".format)).pivot(index="lmbda", columns="steps", values=["rate_ratio", "psnr_delta_db", "rd_loss_ratio"])
+    wide = table.assign(lmbda=table.lmbda.map("{:g}".format)).pivot(
+        index="lmbda", columns="steps", values=["rate_ratio", "psnr_delta_db", "rd_loss_ratio"])
     with pd.option_context("display.width", 200, "display.precision", 3):
         print(table.drop_duplicates("steps")[["steps", "bd_rate_pct", "bd_psnr_db"]].to_string(index=False))
         print(wide.to_string())

@@ -55,13 +55,9 @@ def overrides(steps: int, methods: list[str], checkpoint_every: int, workers: in
 def prepare(run_dir: Path, data: str) -> None:
     """A run folder with the shipped anchor and the training photographs (no Kodak needed to adapt)."""
     from alice_lib import data as data_lib
-    from alice_lib.pipeline import prepare_anchor
+    from alice_lib.pipeline import prepare_anchor, record_sources
 
-    source = data_lib.resolve_training(data, allow_download=False)
-    record = {"train": {"path": str(source.path), "kind": source.kind, "is_kodak": False, "note": source.note,
-                        "images": data_lib.count_images(source.path)}}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    RunLayout(run_dir).data_json.write_text(json.dumps(record, indent=2))
+    record_sources(run_dir, {"train": data_lib.resolve_training(data, allow_download=False)})
     prepare_anchor("cpu", run_dir, progress=False)
 
 
@@ -84,13 +80,13 @@ def export(run_dir: Path, out: Path, method: str, lmbda: float) -> dict:
     artefact, training = layout.rate_artifact(method, lmbda), layout.rate_training(method, lmbda)
     target = out / artefact.parent.relative_to(run_dir)
     (target / "train").mkdir(parents=True, exist_ok=True)
-    names = ["metrics.csv"] if artefact.exists() else ["metrics.csv", "last.pt"]
-    for name in names:
-        if (training / name).exists():
-            shutil.copy2(training / name, target / "train" / name)
-    if artefact.exists():
-        shutil.copy2(artefact, target / artefact.name)
-    return {"finished": artefact.exists(), "files": names + ([artefact.name] if artefact.exists() else [])}
+    finished = artefact.exists()
+    wanted = [training / "metrics.csv"] + ([artefact] if finished else [training / "last.pt"])
+    copied = []
+    for source in (path for path in wanted if path.exists()):
+        shutil.copy2(source, target / source.relative_to(artefact.parent))
+        copied.append(source.name)
+    return {"finished": finished, "files": copied}
 
 
 def resume(results: Path, run_dir: Path) -> None:

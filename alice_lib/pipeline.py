@@ -18,7 +18,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -38,7 +38,7 @@ from . import settings as settings_lib
 from .planning import ExperimentPlan, Progress, make_plan
 from .settings import (RESULT_LABEL, TRAINING_MODES, RunLayout, Settings, SettingsError,
                        TrainingSettings, lmbda_tag, load_settings, split_parameters)
-from .train import TrainConfig, amplify_hyper_latent, train
+from .train import TrainConfig, amplify_hyper_latent, load_weights, train
 from .utils import atomic_copy, atomic_write_bytes
 
 PACKAGE_DIR = settings_lib.PACKAGE_DIR
@@ -298,15 +298,17 @@ def adapt(profile, run_dir: str | Path, lmbda: float, method: str, progress: boo
         return {**summary, "status": "already trained"}
     train_set, val_set = training_sets(settings, run_dir, schedule)
     model.to(device or "cpu")
-    config = TrainConfig.from_schedule(schedule, lmbda, settings.model.metric, len(train_set))
+    # Only what trains goes into the run's checkpoints (a few hundred kB for ALICE): unfinished runs can be kept.
+    config = replace(TrainConfig.from_schedule(schedule, lmbda, settings.model.metric, len(train_set)),
+                     checkpoint_frozen=False)
     hook = epoch_check(settings, run_dir, model, method, lmbda) if settings.adaptation.epoch_check.enabled else None
     folder = layout.rate_training(method, lmbda)
     started = time.time()
     row = train(model, train_set, folder, config, val_data=val_set, progress=progress, on_epoch_end=hook,
                 extra_state={"model_config": model.config.to_dict(), "mode": method, "lmbda": lmbda})
-    best = torch.load(folder / ("best.pt" if val_set is not None else "last.pt"), map_location="cpu",
-                      weights_only=True)
-    model.cpu().load_state_dict(best["model"])
+    best_path = folder / ("best.pt" if val_set is not None else "last.pt")
+    best = torch.load(best_path, map_location="cpu", weights_only=True)
+    load_weights(model.cpu(), best, best_path)
     meta = {"lmbda": lmbda, "method": method, "anchor_lmbda": settings.anchor.lmbda, "steps": best["step"]}
     if method == "alice":
         save_adapters(out, model, lmbda=lmbda, config=lora, extra_metadata=meta)

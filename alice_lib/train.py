@@ -22,7 +22,11 @@ DataLoader workers or processes, and a run resumes mid-epoch at the right batch.
 **Files.** A run folder holds ``last.pt`` (written at the end of every epoch and,
 with ``checkpoint_every``, every N steps within an epoch; atomically), ``best.pt``
 (lowest validation loss; without validation data, the final state) and
-``metrics.csv`` (one row per epoch). Calling :func:`train` again on the same
+``metrics.csv`` (one row per epoch). With ``checkpoint_frozen=False`` (adaptation
+runs) the two checkpoints hold only the parameters that train, plus ``frozen_hash``,
+the SHA-256 of everything else: an adapter run's ``last.pt`` is then a few hundred
+kB instead of the whole model, small enough to commit or to carry between machines,
+and :func:`load_weights` puts it back only onto the same frozen weights. Calling :func:`train` again on the same
 folder resumes where ``last.pt`` left off: step, epoch, position in the epoch,
 optimizers, scheduler and random state, so that an interrupted and resumed run
 ends with the same weights, bit for bit, as an uninterrupted one (same hardware,
@@ -63,7 +67,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .utils import atomic_copy, atomic_save, atomic_write, bpp_from_likelihoods, model_device, psnr_from_mse
+from .utils import (atomic_copy, atomic_save, atomic_write, bpp_from_likelihoods, model_device, psnr_from_mse,
+                    tensors_hash)
 from .utils import state_dict_hash  # noqa: F401 - the CLI's --hash-file; kept importable from here
 
 # Unchanged since the first version: later versions only add optional keys
@@ -71,9 +76,9 @@ from .utils import state_dict_hash  # noqa: F401 - the CLI's --hash-file; kept i
 CHECKPOINT_FORMAT = "alice-train-v1"
 _CHECKPOINT_KEYS = frozenset({"format", "model", "optimizer", "aux_optimizer", "scheduler", "rng", "rng_cuda",
                               "rng_per_rank", "world_size", "train_config", "step", "epoch", "best_loss",
-                              "in_epoch"})
+                              "in_epoch", "frozen_hash"})
 # Settings that change how a run is executed, not its numbers: a resume with other values is silent.
-_RESULT_NEUTRAL = frozenset({"num_workers", "checkpoint_every", "ddp_find_unused_parameters"})
+_RESULT_NEUTRAL = frozenset({"num_workers", "checkpoint_every", "checkpoint_frozen", "ddp_find_unused_parameters"})
 
 
 @dataclass
@@ -92,7 +97,9 @@ class TrainConfig:
 
     ``checkpoint_every``: also write ``last.pt`` every N steps within an epoch (an
     epoch of 300,000 images is 18,750 steps); a resume continues the same epoch at
-    the next batch, bit-exactly. ``precision``: ``"bf16"`` runs the model's forward
+    the next batch, bit-exactly. ``checkpoint_frozen=False``: checkpoints keep only
+    the trainable parameters and a hash of the frozen rest (see the module's
+    docstring). ``precision``: ``"bf16"`` runs the model's forward
     pass under bfloat16 autocast (CUDA or CPU; the loss is computed in float32).
     ``tf32``: allow TF32 matmuls and convolutions on CUDA during the run (``False``
     turns cuDNN's default TF32 off too: plain float32). ``num_workers``: DataLoader
@@ -114,6 +121,7 @@ class TrainConfig:
     num_workers: int | None = None  # None: 0 on CPU, up to 8 per process on CUDA
     steps_per_epoch: int | None = None  # None: one pass over the training set
     checkpoint_every: int | None = None  # also write last.pt every N steps within an epoch
+    checkpoint_frozen: bool = True  # False: checkpoints hold the trainable parameters only (+ frozen_hash)
     precision: str = "fp32"  # "fp32" | "bf16" (autocast of the forward pass)
     tf32: bool = False  # TF32 matmul / cuDNN on CUDA
     momentum: float = 0.9  # SGD only
@@ -615,7 +623,7 @@ def _resume(run: _Run) -> _EpochProgress:
     before mid-epoch checkpoints existed (they resume at the start of their epoch).
     """
     ckpt = load_checkpoint(run.last_path)
-    run.model.load_state_dict(ckpt["model"])
+    load_weights(run.model, ckpt, run.last_path)
     run.optimizer.load_state_dict(ckpt["optimizer"])
     if run.aux_optimizer is not None:
         if ckpt.get("aux_optimizer"):
@@ -676,7 +684,8 @@ def _wrap_ddp(run: _Run) -> None:
 
 def _checkpoint(run: _Run, progress: _EpochProgress | None = None) -> dict:
     """The checkpoint dict; ``progress``: the unfinished epoch's totals. Collective under DDP."""
-    ckpt = {"format": CHECKPOINT_FORMAT, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+    ckpt = {"format": CHECKPOINT_FORMAT, **_model_state(run.model, run.config.checkpoint_frozen),
+            "optimizer": run.optimizer.state_dict(),
             "aux_optimizer": run.aux_optimizer.state_dict() if run.aux_optimizer else {},
             "scheduler": run.scheduler.state_dict() if run.scheduler else {}, "rng": torch.get_rng_state(),
             "train_config": asdict(run.config), **run.state, **run.extra_state}
@@ -697,6 +706,37 @@ def _checkpoint(run: _Run, progress: _EpochProgress | None = None) -> dict:
             ckpt["in_epoch"]["sums_per_rank"] = [g["sums"] for g in gathered]
             ckpt["in_epoch"]["sums"] = torch.stack([g["sums"] for g in gathered]).mean(0)
     return ckpt
+
+
+def _model_state(model: nn.Module, with_frozen: bool) -> dict:
+    """The checkpoint's weights: the whole state dict, or the trainable parameters and the frozen rest's hash."""
+    state = model.state_dict()
+    if with_frozen:
+        return {"model": state}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {"model": {k: v for k, v in state.items() if k in trainable},
+            "frozen_hash": tensors_hash({k: v for k, v in state.items() if k not in trainable})}
+
+
+def load_weights(model: nn.Module, ckpt: dict, source: str | Path = "the checkpoint") -> None:
+    """Load a :func:`train` checkpoint's weights into ``model``, whole or trainable-only (``frozen_hash``).
+
+    A trainable-only checkpoint goes onto the model's own frozen weights, which must be
+    those it was trained with (the same anchor, the same adapters injected): anything
+    else is refused with a clear error rather than loaded half-matching.
+    """
+    if "frozen_hash" not in ckpt:
+        model.load_state_dict(ckpt["model"])
+        return
+    state = model.state_dict()
+    foreign = sorted(set(ckpt["model"]) - set(state))
+    if foreign:
+        raise ValueError(f"{source} holds weights this model does not have, e.g. {foreign[:3]}")
+    frozen = {k: v for k, v in state.items() if k not in ckpt["model"]}
+    if tensors_hash(frozen) != ckpt["frozen_hash"]:
+        raise ValueError(f"{source} holds only the trained weights of a run, and this model's other weights "
+                         "are not the ones that run was trained on (another anchor, or other trainable parameters)")
+    model.load_state_dict({**frozen, **ckpt["model"]})
 
 
 def _float_output(output: dict) -> dict:

@@ -8,6 +8,9 @@ model beats JPEG at its own rate. ``bpp_z_estimated`` is the hyper-latent's shar
 (estimated from its likelihoods): about 0 when the hyperprior carries no information.
 
     python benchmarks/checkpoint_kodak.py runs/cpu-training/fixed-rate-0.0483/best.pt [...] [--max-images 24]
+
+An adaptation run's checkpoint holds only what trained (``frozen_hash``, see
+``alice_lib.train``); it is put back onto ``--anchor`` (default: the shipped CPU anchor).
 """
 
 from __future__ import annotations
@@ -27,29 +30,32 @@ from alice_lib.evaluation.classical import code_classical
 from alice_lib.lora import LoRAConfig, inject_lora, merge_lora
 from alice_lib.models.stf import STFConfig, SymmetricalTransFormer
 from alice_lib.settings import load_settings
-from alice_lib.train import load_checkpoint
+from alice_lib.train import load_checkpoint, load_weights
 from alice_lib.utils import bpp_from_likelihoods
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_KODAK = REPO.parent / "shared" / "data" / "kodak"
+DEFAULT_ANCHOR = REPO / "alice_lib" / "weights" / "cpu_anchor.safetensors"
 JPEG_QUALITIES = (3, 5, 8, 10, 15, 20, 30, 40, 50, 65, 80, 90)
 
 
-def model_from_checkpoint(path: Path) -> tuple[SymmetricalTransFormer, dict]:
-    """The STF of a training checkpoint or a weights file, ready to code, and its step / lambda."""
+def model_from_checkpoint(path: Path, anchor: Path = DEFAULT_ANCHOR) -> tuple[SymmetricalTransFormer, dict]:
+    """The STF of a training checkpoint or a weights file, ready to code, and its step / lambda.
+
+    ``anchor``: the frozen weights under a trainable-only checkpoint (an adaptation run's)."""
     if path.suffix == ".safetensors":
         _, _, metadata = read_checkpoint(path)
         return load_stf(path), {"step": metadata.get("step"), "lmbda": metadata.get("lmbda")}
     ckpt = load_checkpoint(path)
-    model = SymmetricalTransFormer(STFConfig(**ckpt["model_config"]))
+    model = load_stf(anchor) if "frozen_hash" in ckpt else SymmetricalTransFormer(STFConfig(**ckpt["model_config"]))
     if any(".lora." in key for key in ckpt["model"]):  # an ALICE run: adapters on the frozen anchor, coded merged
         # the CLI stores its LoRA settings; the pipeline's runs use their profile's (cpu: r 8, alpha 8)
         lora = LoRAConfig.from_dict(ckpt["lora_config"]) if ckpt.get("lora_config") else load_settings("cpu").model.lora
         inject_lora(model, lora)
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt, path)
         merge_lora(model, strip=True)
     else:
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt, path)
     model.eval().update(force=True)
     return model, {"step": ckpt["step"], "lmbda": ckpt.get("lmbda")}
 
@@ -85,6 +91,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--kodak", type=Path, default=DEFAULT_KODAK)
     parser.add_argument("--max-images", type=int, default=24)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--anchor", type=Path, default=DEFAULT_ANCHOR,
+                        help="frozen weights under adaptation checkpoints that hold only what trained")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -92,7 +100,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     curve = jpeg_curve(images)
     rows = []
     for path in args.checkpoints:
-        model, info = model_from_checkpoint(path)
+        model, info = model_from_checkpoint(path, args.anchor)
         with torch.no_grad():
             coded = pd.DataFrame([code_image(model, img, estimate_bpp=False) for img in images])
             hyper = np.mean([hyper_bpp(model, img) for img in images])

@@ -140,6 +140,10 @@ def test_second_run_resumes_without_training(smoke_run):
     summary = wb.adapt(spec, run_dir, spec.targets[0], "alice", progress=False)
     assert summary["status"] == "already trained"
     assert artifact.stat().st_mtime_ns == stamp
+    # the adaptation run's checkpoint holds the adapters only, and the frozen anchor's hash
+    ckpt = torch.load(wb.RunLayout(run_dir).rate_training("alice", spec.targets[0]) / "last.pt",
+                      map_location="cpu", weights_only=True)
+    assert ckpt["model"] and all(".lora.W_" in key for key in ckpt["model"]) and ckpt["frozen_hash"]
 
 
 def test_failing_notebook_stops_with_its_path(tmp_path, capsys):

@@ -32,6 +32,7 @@ from alice_lib.train import (
     _split_parameters,
     _truncate_csv,
     load_checkpoint,
+    load_weights,
     msssim_window,
     state_dict_hash,
     train,
@@ -428,6 +429,40 @@ def test_vanilla_and_lora_modes_train_only_their_parameters(tmp_path, images):
             assert all(k.endswith(("mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"))
                        for k in changed)
         assert not load_checkpoint(tmp_path / mode / "last.pt")["aux_optimizer"]  # quantiles frozen
+
+
+def _adapted_tiny(frozen_seed: int, lora_seed: int) -> SymmetricalTransFormer:
+    from alice_lib.lora import LoRAConfig, inject_lora, mark_trainable
+    model = tiny_model(frozen_seed)
+    inject_lora(model, LoRAConfig(), generator=torch.Generator().manual_seed(lora_seed))
+    mark_trainable(model, "lora")
+    return model
+
+
+def test_trainable_only_checkpoints_resume_onto_the_same_frozen_weights_only(tmp_path, images):
+    config = TrainConfig(lmbda=0.0067, steps=4, batch_size=2, lr=1e-3, seed=2, checkpoint_frozen=False)
+    straight = _adapted_tiny(0, 0)
+    train(straight, images, tmp_path / "straight", config, progress=False)
+    with pytest.raises(Interrupt):
+        train(_adapted_tiny(0, 0), images, tmp_path / "resumed", config, progress=False,
+              on_epoch_end=_stop_after(1))
+    path = tmp_path / "resumed" / "last.pt"
+    ckpt = load_checkpoint(path)
+    trainable = {name for name, p in straight.named_parameters() if p.requires_grad}
+    assert set(ckpt["model"]) == trainable and ckpt["step"] == 2
+    assert len(trainable) < len(straight.state_dict()) and ckpt["frozen_hash"]
+    before = path.read_bytes()
+    # Other frozen weights (another anchor) are refused before any step, and the checkpoint is kept.
+    with pytest.raises(ValueError, match="not the ones that run was trained on"):
+        train(_adapted_tiny(1, 0), images, tmp_path / "resumed", config, progress=False)
+    assert path.read_bytes() == before
+    # The same frozen weights (adapters initialised differently: they come from the file) resume bit for bit.
+    resumed = _adapted_tiny(0, 5)
+    assert train(resumed, images, tmp_path / "resumed", config, progress=False)["step"] == 4
+    assert_same_weights(weights(straight), weights(resumed))
+    whole = tiny_model(0)
+    with pytest.raises(ValueError, match="does not have"):  # a model without the adapters
+        load_weights(whole, load_checkpoint(path), path)
 
 
 def _adaptation_data():

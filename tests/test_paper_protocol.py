@@ -74,7 +74,7 @@ def test_paper_protocol_runs_end_to_end_on_the_full_size_stf(tmp_path):
     assert summary["status"] == "trained" and summary["planned_steps"] == summary["step"] == 4
 
     folder = RunLayout(run_dir).rate_training("alice", 0.0067)
-    last = torch.load(folder / "last.pt", map_location="cpu", weights_only=False)
+    last = torch.load(folder / "last.pt", map_location="cpu", weights_only=True)
     assert last["train_config"]["schedule_unit"] == "epoch" and last["train_config"]["batch_size"] == 2
     assert last["train_config"]["seed"] == 42 and last["train_config"]["steps_per_epoch"] == 2
     assert last["scheduler"]["T_max"] == 2 and last["scheduler"]["last_epoch"] == 2  # once per epoch

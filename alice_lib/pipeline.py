@@ -38,7 +38,7 @@ from . import settings as settings_lib
 from .planning import ExperimentPlan, Progress, make_plan
 from .settings import (RESULT_LABEL, TRAINING_MODES, RunLayout, Settings, SettingsError,
                        TrainingSettings, lmbda_tag, load_settings, split_parameters)
-from .train import TrainConfig, amplify_hyper_latent, load_weights, train
+from .train import TrainConfig, amplify_hyper_latent, load_checkpoint, load_weights, train
 from .utils import atomic_copy, atomic_write_bytes
 
 PACKAGE_DIR = settings_lib.PACKAGE_DIR
@@ -186,7 +186,7 @@ def export_trained(folder: str | Path, out_path: str | Path) -> Path:
     model keeps its training log.
     """
     folder, out_path = Path(folder), Path(out_path)
-    best = torch.load(folder / "best.pt", map_location="cpu", weights_only=True)
+    best = load_checkpoint(folder / "best.pt")
     model = SymmetricalTransFormer(STFConfig(**best["model_config"]))
     model.load_state_dict(best["model"])
     model.update(force=True)
@@ -307,7 +307,7 @@ def adapt(profile, run_dir: str | Path, lmbda: float, method: str, progress: boo
     row = train(model, train_set, folder, config, val_data=val_set, progress=progress, on_epoch_end=hook,
                 extra_state={"model_config": model.config.to_dict(), "mode": method, "lmbda": lmbda})
     best_path = folder / ("best.pt" if val_set is not None else "last.pt")
-    best = torch.load(best_path, map_location="cpu", weights_only=True)
+    best = load_checkpoint(best_path)
     load_weights(model.cpu(), best, best_path)
     meta = {"lmbda": lmbda, "method": method, "anchor_lmbda": settings.anchor.lmbda, "steps": best["step"]}
     if method == "alice":

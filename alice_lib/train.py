@@ -27,10 +27,10 @@ runs) the two checkpoints hold only the parameters that train, plus ``frozen_has
 the SHA-256 of everything else: an adapter run's ``last.pt`` is then a few hundred
 kB instead of the whole model, small enough to commit or to carry between machines,
 and :func:`load_weights` puts it back only onto the same frozen weights. Calling
-:func:`train` again on the same folder resumes where ``last.pt`` left off: step, epoch, position in the epoch,
-optimizers, scheduler and random state, so that an interrupted and resumed run
-ends with the same weights, bit for bit, as an uninterrupted one (same hardware,
-same thread count, same number of processes).
+:func:`train` again on the same folder resumes where ``last.pt`` left off: step,
+epoch, position in the epoch, optimizers, scheduler and random state, so that an
+interrupted and resumed run ends with the same weights, bit for bit, as an
+uninterrupted one (same hardware, same thread count, same number of processes).
 
 **More than one process.** :func:`train` wraps the model in
 ``DistributedDataParallel`` when ``torch.distributed`` is initialised; only rank 0

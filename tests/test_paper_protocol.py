@@ -25,6 +25,7 @@ from alice_lib.checkpoints import save_stf
 from alice_lib.cli import main
 from alice_lib.models.stf import STFConfig, SymmetricalTransFormer
 from alice_lib.settings import RunLayout, load_settings
+from alice_lib.train import load_checkpoint
 
 REFERENCE_TARGETS = [0.0018, 0.0035, 0.0067, 0.013, 0.025]
 
@@ -74,7 +75,7 @@ def test_paper_protocol_runs_end_to_end_on_the_full_size_stf(tmp_path):
     assert summary["status"] == "trained" and summary["planned_steps"] == summary["step"] == 4
 
     folder = RunLayout(run_dir).rate_training("alice", 0.0067)
-    last = torch.load(folder / "last.pt", map_location="cpu", weights_only=True)
+    last = load_checkpoint(folder / "last.pt")
     assert last["train_config"]["schedule_unit"] == "epoch" and last["train_config"]["batch_size"] == 2
     assert last["train_config"]["seed"] == 42 and last["train_config"]["steps_per_epoch"] == 2
     assert last["scheduler"]["T_max"] == 2 and last["scheduler"]["last_epoch"] == 2  # once per epoch

@@ -126,11 +126,13 @@ def infer_config(state_dict: dict[str, Tensor]) -> STFConfig:
         table = sd["layers.0.blocks.0.attn.relative_position_bias_table"].shape[0]
         fc1 = sd.get("layers.0.blocks.0.mlp.fc1.weight", sd.get("layers.0.blocks.0.mlp.fc1.linear.weight"))
         slices = len({k.split(".")[1] for k in sd if k.startswith("cc_mean_transforms.")})
+        entropy, latent = sd["h_a.0.weight"].shape[:2]
     except (KeyError, IndexError, AttributeError) as error:
         raise CheckpointMismatchError(f"not an STF state dict: cannot find {error}") from error
     return STFConfig(embed_dim=embed_dim, depths=tuple(depths), num_heads=tuple(heads),
                      window_size=(int(math.isqrt(table)) + 1) // 2, mlp_ratio=fc1.shape[0] / embed_dim,
-                     num_slices=slices, patch_size=patch)
+                     num_slices=slices, patch_size=patch,
+                     entropy_channels=None if entropy == latent else int(entropy))
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], STFConfig | None, dict]:

@@ -188,7 +188,7 @@ def export_trained(folder: str | Path, out_path: str | Path) -> Path:
     folder, out_path = Path(folder), Path(out_path)
     best = load_checkpoint(folder / "best.pt")
     model = SymmetricalTransFormer(STFConfig(**best["model_config"]))
-    model.load_state_dict(best["model"])
+    load_weights(model, best, folder / "best.pt", averaged=True)
     model.update(force=True)
     path = save_stf(out_path, model, {"lmbda": best["lmbda"], "trained_steps": best["step"],
                                       "best_val_loss": best["best_loss"]})
@@ -308,7 +308,7 @@ def adapt(profile, run_dir: str | Path, lmbda: float, method: str, progress: boo
                 extra_state={"model_config": model.config.to_dict(), "mode": method, "lmbda": lmbda})
     best_path = folder / ("best.pt" if val_set is not None else "last.pt")
     best = load_checkpoint(best_path)
-    load_weights(model.cpu(), best, best_path)
+    load_weights(model.cpu(), best, best_path, averaged=True)
     meta = {"lmbda": lmbda, "method": method, "anchor_lmbda": settings.anchor.lmbda, "steps": best["step"]}
     if method == "alice":
         save_adapters(out, model, lmbda=lmbda, config=lora, extra_metadata=meta)

@@ -50,7 +50,7 @@ EVALUATED_METHODS = ("fixed-rate", "alice", "malice", "vanilla", "full-finetune"
 REFERENCE_SOURCES = ("finetune", "scratch", "published")
 SCHEDULES = ("cosine", "plateau", "constant")
 SCHEDULE_UNITS = ("step", "epoch")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")
 VAL_SOURCES = ("held_out", "openimages-test", "folder")
 TRAIN_SOURCES = ("auto", "openimages")
 PADDINGS = ("reference", "replicate")  # reference: zeros, centred, to 128; replicate: edges, right/bottom, to 64
@@ -95,6 +95,7 @@ class TrainingSettings:
     hyper_init_gain: float = 1.0  # from random weights: h_a's last layer x this (train.amplify_hyper_latent)
     hyper_lr_scale: float = 1.0  # the hyperprior path learns at lr x this (TrainConfig.hyper_lr_scale)
     mosaic: int = 1  # >1: each training image is a mosaic x mosaic grid of crops (data.Mosaics)
+    average_decay: float = 0.0  # >0: moving average of the weights, validated and shipped (train.WeightAverage)
 
     def __post_init__(self) -> None:
         if (self.epochs is None) == (self.steps is None):
@@ -110,6 +111,8 @@ class TrainingSettings:
         for name in ("hyper_init_gain", "hyper_lr_scale"):
             if not float(getattr(self, name)) > 0:
                 raise SettingsError(f"{name} must be positive (1: unchanged), got {getattr(self, name)!r}")
+        if not 0 <= float(self.average_decay) < 1:
+            raise SettingsError(f"average_decay must be in [0, 1) (0: no average), got {self.average_decay!r}")
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("schedule_unit", self.schedule_unit, SCHEDULE_UNITS)
         _choice("precision", self.precision, PRECISIONS)

@@ -76,7 +76,7 @@ from .utils import state_dict_hash  # noqa: F401 - the CLI's --hash-file; kept i
 CHECKPOINT_FORMAT = "alice-train-v1"
 _CHECKPOINT_KEYS = frozenset({"format", "model", "optimizer", "aux_optimizer", "scheduler", "rng", "rng_cuda",
                               "rng_per_rank", "world_size", "train_config", "step", "epoch", "best_loss",
-                              "in_epoch", "frozen_hash"})
+                              "in_epoch", "frozen_hash", "average"})
 # Settings that change how a run is executed, not its numbers: a resume with other values is silent.
 _RESULT_NEUTRAL = frozenset({"num_workers", "checkpoint_every", "checkpoint_frozen", "ddp_find_unused_parameters"})
 
@@ -100,9 +100,14 @@ class TrainConfig:
     the next batch, bit-exactly. ``checkpoint_frozen=False``: checkpoints keep only
     the trainable parameters and a hash of the frozen rest (see the module's
     docstring). ``precision``: ``"bf16"`` runs the model's forward
-    pass under bfloat16 autocast (CUDA or CPU; the loss is computed in float32).
+    pass under bfloat16 autocast (CUDA or CPU; the loss is computed in float32);
+    ``"auto"`` does so only where bfloat16 has hardware behind it (:func:`fast_bf16`),
+    and the precision that ran is a column of ``metrics.csv``.
     ``tf32``: allow TF32 matmuls and convolutions on CUDA during the run (``False``
-    turns cuDNN's default TF32 off too: plain float32). ``num_workers``: DataLoader
+    turns cuDNN's default TF32 off too: plain float32). ``average_decay``: keep an
+    exponential moving average of the trained weights with this decay (0: none; see
+    :class:`WeightAverage`); validation and ``best.pt`` then judge the average, and
+    ``load_weights(..., averaged=True)`` loads it. ``num_workers``: DataLoader
     worker processes; ``None`` picks 0 on the CPU and up to 8 per process on a GPU
     (memory is then pinned); the crops do not depend on it.
     """
@@ -122,7 +127,7 @@ class TrainConfig:
     steps_per_epoch: int | None = None  # None: one pass over the training set
     checkpoint_every: int | None = None  # also write last.pt every N steps within an epoch
     checkpoint_frozen: bool = True  # False: checkpoints hold the trainable parameters only (+ frozen_hash)
-    precision: str = "fp32"  # "fp32" | "bf16" (autocast of the forward pass)
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast of the forward pass) | "auto" (bf16 where it is fast)
     tf32: bool = False  # TF32 matmul / cuDNN on CUDA
     momentum: float = 0.9  # SGD only
     weight_decay: float = 0.0
@@ -132,6 +137,7 @@ class TrainConfig:
     hyper_quantization: str = "ste"  # "ste" (STF) | "noise": the hyper-latent in training, see STF's attribute
     hyper_rate_warmup: int = 0  # steps over which the hyper-latent's rate enters the loss, weight 0 -> 1
     hyper_lr_scale: float = 1.0  # learning rate of the hyperprior path (h_a, h_s, bottleneck) = lr x this
+    average_decay: float = 0.0  # > 0: keep an exponential moving average of the weights (validated and shipped)
 
     @classmethod
     def from_schedule(cls, schedule, lmbda: float, metric: str, n_train: int) -> TrainConfig:
@@ -147,11 +153,13 @@ class TrainConfig:
                    steps_per_epoch=schedule.steps_per_epoch(n_train) if by_epoch else schedule.validate_every,
                    metric=metric, seed=schedule.seed, num_workers=schedule.num_workers,
                    checkpoint_every=schedule.checkpoint_every, precision=schedule.precision, tf32=schedule.tf32,
-                   hyper_lr_scale=float(schedule.hyper_lr_scale))
+                   hyper_lr_scale=float(schedule.hyper_lr_scale),
+                   average_decay=float(schedule.average_decay))
 
     def __post_init__(self) -> None:
         choices = {"optimizer": ("adam", "sgd"), "schedule": ("cosine", "plateau", "constant"),
-                   "schedule_unit": ("step", "epoch"), "metric": ("mse", "ms-ssim"), "precision": ("fp32", "bf16"),
+                   "schedule_unit": ("step", "epoch"), "metric": ("mse", "ms-ssim"),
+                   "precision": ("fp32", "bf16", "auto"),
                    "hyper_quantization": ("ste", "noise")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -168,6 +176,8 @@ class TrainConfig:
             raise ValueError("clip_max_norm must be >= 0 (0 disables clipping)")
         if self.hyper_rate_warmup < 0:
             raise ValueError("hyper_rate_warmup must be >= 0 (0: the full rate from the first step)")
+        if not 0 <= self.average_decay < 1:
+            raise ValueError("average_decay must be in [0, 1) (0: no moving average)")
         if not self.hyper_lr_scale > 0:
             raise ValueError("hyper_lr_scale must be positive (1: the hyperprior learns at lr)")
         for name in ("steps_per_epoch", "checkpoint_every"):
@@ -188,6 +198,29 @@ class TrainConfig:
     def epochs(self, steps_per_epoch: int) -> int:
         """Number of epochs of a run of ``steps`` steps, the last one possibly short."""
         return -(-self.steps // steps_per_epoch)
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 matrix units serve ``device``: a CUDA GPU that supports bf16, or a CPU with AMX-BF16.
+
+    Without AMX, a CPU emulates bf16 matmuls with AVX-512 and a training step of the CPU
+    profile gets slower, not faster (measured 1.5x slower on a 2-core Xeon without AMX;
+    1.8-2.3x faster on one with it, ``docs/cpu-scale/README.md``).
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags.split()
+
+
+def resolved_precision(precision: str, device: torch.device) -> str:
+    """``"fp32"`` or ``"bf16"``: what ``precision`` (``"auto"`` included) means on ``device``."""
+    if precision == "auto":
+        return "bf16" if fast_bf16(device) else "fp32"
+    return precision
 
 
 # ---------------------------------------------------------------------------- loss
@@ -232,6 +265,7 @@ class RateDistortionLoss(nn.Module):
         if isinstance(output["likelihoods"], Mapping) and "z" in output["likelihoods"]:
             # the hyper-latent's share of the rate: ~0 means the hyperprior has collapsed
             result["bpp_z"] = bpp_from_likelihoods([output["likelihoods"]["z"]], n * h * w)
+            result["z_bits"] = result["bpp_z"] * h * w  # per image: the collapse check in metrics.csv
         if self.metric == "mse":
             distortion = 255**2 * mse
         else:
@@ -271,6 +305,57 @@ def amplify_hyper_latent(model: nn.Module, gain: float) -> None:
         last = model.h_a[-1]
         last.weight.mul_(gain)
         last.bias.mul_(gain)
+
+
+class WeightAverage:
+    """An exponential moving average of the trainable parameters (Polyak averaging).
+
+    The average of the last few thousand steps codes better than the weights of the
+    last step, whose noise the small training batches of the CPU scale make large.
+    The decay warms up as ``min(decay, (1 + t) / (10 + t))`` at update ``t`` (as in
+    TensorFlow's ``ExponentialMovingAverage`` with ``num_updates``), so that early
+    averages do not remember the random initialisation. Kept in float32 whatever the
+    autocast precision. Buffers (the entropy coder's tables) are not averaged.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.params = {name: p for name, p in model.named_parameters()
+                       if p.requires_grad and not name.endswith("quantiles")}
+        self.shadow = {name: p.detach().float().clone() for name, p in self.params.items()}
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(list(self.shadow.values()), [p.detach().float() for p in self.params.values()],
+                             1 - decay)
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "weights": {k: v.clone() for k, v in self.shadow.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = set(self.shadow) - set(state["weights"])
+        if missing:
+            raise ValueError(f"the checkpoint's weight average lacks {sorted(missing)[:3]}")
+        self.updates = int(state["updates"])
+        for key, value in self.shadow.items():
+            value.copy_(state["weights"][key])
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The averaged weights in the model for the duration (validation); the live ones afterwards."""
+        live = {name: p.detach().clone() for name, p in self.params.items()}
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(self.shadow[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    p.copy_(live[name])
 
 
 # ---------------------------------------------------------------------------- files
@@ -511,6 +596,9 @@ class _Run:
     loader: DataLoader
     steps_per_epoch: int
     extra_state: dict
+    precision: str = "fp32"  # what ran: config.precision with "auto" resolved on this device
+    average: WeightAverage | None = None
+    hyper_keys: tuple[str, ...] = ()  # ("bpp_z", "z_bits") for a model with a hyperprior
     net: nn.Module | None = None  # the model, or its DistributedDataParallel wrapper
     state: dict = field(default_factory=lambda: {"step": 0, "epoch": 0, "best_loss": math.inf})
 
@@ -524,7 +612,8 @@ class _Run:
 
     @property
     def metric_keys(self) -> list[str]:
-        return ["loss", "bpp", "mse"] + (["ms_ssim"] if self.config.metric == "ms-ssim" else [])
+        return (["loss", "bpp", "mse"] + (["ms_ssim"] if self.config.metric == "ms-ssim" else [])
+                + list(self.hyper_keys))
 
     @property
     def last_path(self) -> Path:
@@ -605,7 +694,10 @@ def _setup(model: nn.Module, train_data: Dataset, run_dir: Path, config: TrainCo
                 criterion=RateDistortionLoss(config.lmbda, config.metric), main_params=main_params,
                 aux_params=aux_params, optimizer=optimizer, aux_optimizer=aux_optimizer,
                 scheduler=_scheduler(config, optimizer, steps_per_epoch), sampler=sampler, loader=loader,
-                steps_per_epoch=steps_per_epoch, extra_state=extra_state)
+                steps_per_epoch=steps_per_epoch, extra_state=extra_state,
+                precision=resolved_precision(config.precision, device),
+                average=WeightAverage(model, config.average_decay) if config.average_decay else None,
+                hyper_keys=("bpp_z", "z_bits") if hasattr(model, "entropy_bottleneck") else ())
 
 
 def _fresh_start(run: _Run) -> _EpochProgress:
@@ -633,6 +725,12 @@ def _resume(run: _Run) -> _EpochProgress:
     if run.scheduler is not None and ckpt.get("scheduler"):
         run.scheduler.load_state_dict(ckpt["scheduler"])
     _restore_rng(run, ckpt)
+    if run.average is not None:
+        if "average" in ckpt:
+            run.average.load_state_dict(ckpt["average"])
+        else:
+            warnings.warn(f"{run.last_path} has no weight average; the average starts from the resumed weights")
+            run.average = WeightAverage(run.model, run.config.average_decay)
     run.state = {key: ckpt[key] for key in run.state}
     old = ckpt.get("train_config") or {}
     changed = {f.name for f in fields(run.config) if f.name in old and f.name not in _RESULT_NEUTRAL
@@ -666,10 +764,17 @@ def _progress_from(run: _Run, in_epoch: dict | None, saved_world: int) -> _Epoch
     progress.batches, progress.seconds_before = int(in_epoch["batches"]), float(in_epoch["seconds"])
     per_rank = in_epoch.get("sums_per_rank")
     if per_rank is not None and saved_world == run.world:
-        progress.sums = per_rank[run.rank].clone()
+        progress.sums = _fit_sums(per_rank[run.rank].clone(), len(run.metric_keys))
     elif run.is_main:  # the ranks' mean so far; the row divides the all-reduced sum by the world size
-        progress.sums = in_epoch["sums"].clone() * run.world
+        progress.sums = _fit_sums(in_epoch["sums"].clone() * run.world, len(run.metric_keys))
     return progress
+
+
+def _fit_sums(sums: Tensor, n_metrics: int) -> Tensor:
+    """Epoch totals saved before the hyper-latent columns existed: zeros for the new columns."""
+    if len(sums) < n_metrics:
+        sums = torch.cat([sums, sums.new_zeros(n_metrics - len(sums))])
+    return sums
 
 
 def _wrap_ddp(run: _Run) -> None:
@@ -689,6 +794,8 @@ def _checkpoint(run: _Run, progress: _EpochProgress | None = None) -> dict:
             "aux_optimizer": run.aux_optimizer.state_dict() if run.aux_optimizer else {},
             "scheduler": run.scheduler.state_dict() if run.scheduler else {}, "rng": torch.get_rng_state(),
             "train_config": asdict(run.config), **run.state, **run.extra_state}
+    if run.average is not None:
+        ckpt["average"] = run.average.state_dict()
     own = _rng_state(run.device)
     if own["cuda"] is not None:
         ckpt["rng_cuda"] = own["cuda"]
@@ -718,13 +825,19 @@ def _model_state(model: nn.Module, with_frozen: bool) -> dict:
             "frozen_hash": tensors_hash({k: v for k, v in state.items() if k not in trainable})}
 
 
-def load_weights(model: nn.Module, ckpt: dict, source: str | Path = "the checkpoint") -> None:
+def load_weights(model: nn.Module, ckpt: dict, source: str | Path = "the checkpoint",
+                 averaged: bool = False) -> None:
     """Load a :func:`train` checkpoint's weights into ``model``, whole or trainable-only (``frozen_hash``).
 
     A trainable-only checkpoint goes onto the model's own frozen weights, which must be
     those it was trained with (the same anchor, the same adapters injected): anything
-    else is refused with a clear error rather than loaded half-matching.
+    else is refused with a clear error rather than loaded half-matching. ``averaged``:
+    the moving average of the weights where the run kept one (``average_decay``), as
+    validated and shipped; the last step's weights otherwise.
     """
+    if averaged and "average" in ckpt:
+        average = ckpt["average"]["weights"]
+        ckpt = {**ckpt, "model": {k: average.get(k, v).to(v.dtype) for k, v in ckpt["model"].items()}}
     if "frozen_hash" not in ckpt:
         model.load_state_dict(ckpt["model"])
         return
@@ -773,7 +886,7 @@ def _aux_step(run: _Run) -> None:
 def _train_step(run: _Run, batch: Tensor) -> list[float]:
     """One step: forward (bf16 autocast if asked), loss, backward, clipping, update, aux step, per-step schedule."""
     config = run.config
-    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16"):
         output = run.net(batch)
     out = run.criterion(_float_output(output), batch)
     loss = out["loss"]
@@ -791,6 +904,8 @@ def _train_step(run: _Run, batch: Tensor) -> list[float]:
             f"non-finite gradient norm at step {run.state['step'] + 1} (loss {loss.item()}); "
             f"run stopped before the update, last good checkpoint kept at {run.last_path}")
     run.optimizer.step()
+    if run.average is not None:
+        run.average.update()
     if run.aux_optimizer is not None:
         _aux_step(run)
     if isinstance(run.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) and config.schedule_unit == "step":
@@ -828,12 +943,14 @@ def _end_epoch(run: _Run, progress: _EpochProgress, val_data: Dataset | None) ->
     run.state["epoch"] += 1
     row = {"epoch": run.state["epoch"], "step": run.state["step"],
            **{f"train_{k}": means[k] for k in ("loss", "bpp", "mse")}, "train_psnr": psnr_from_mse(means["mse"]),
-           "lr": run.optimizer.param_groups[0]["lr"], "seconds": progress.seconds()}
-    if "ms_ssim" in means:
-        row["train_ms_ssim"] = means["ms_ssim"]
+           "lr": run.optimizer.param_groups[0]["lr"], "seconds": progress.seconds(), "precision": run.precision}
+    for key in ("ms_ssim", *run.hyper_keys):
+        if key in means:
+            row[f"train_{key}"] = means[key]
     plateau_value = means["loss"]
     if val_data is not None:
-        val = validate(run.model, val_data, run.criterion, device=run.device)
+        with run.average.applied() if run.average is not None else contextlib.nullcontext():
+            val = validate(run.model, val_data, run.criterion, device=run.device)
         row.update({f"val_{k}": v for k, v in val.items()})
         plateau_value = val["loss"]
         if val["loss"] < run.state["best_loss"]:
@@ -1032,12 +1149,16 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hyper-quantization", choices=("ste", "noise"), default="ste",
                    help="the hyper-latent seen by the hyper-synthesis in training: rounded with a straight-through "
                         "gradient (ste, STF's reference) or with additive uniform noise (noise, Balle et al. 2018)")
+    p.add_argument("--average-decay", type=float, default=0.0, metavar="D",
+                   help="keep a moving average of the weights with decay D (e.g. 0.999); validation and best.pt "
+                        "judge the average, which is what ships; 0 (default): none")
     p.add_argument("--steps-per-epoch", type=int, help="steps per epoch (validation, CSV row, best.pt); "
                                                        "default: one pass over the training images")
     p.add_argument("--checkpoint-every", type=int, metavar="N",
                    help="also write last.pt every N steps within an epoch (resumes at the next batch)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="bf16: bfloat16 autocast of the forward pass (CUDA or CPU); loss in float32")
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                   help="bf16: bfloat16 autocast of the forward pass (CUDA or CPU); loss in float32; "
+                        "auto: bf16 where the hardware has bf16 units (a GPU, a CPU with AMX), else fp32")
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls and convolutions on CUDA")
     p.add_argument("--no-flip", action="store_true",
                    help="random crops only, no random horizontal flip (the ALICE reference)")
@@ -1140,7 +1261,7 @@ def _cli_config(args: argparse.Namespace) -> TrainConfig:
         clip_max_norm=args.clip_max_norm, metric=args.metric, seed=args.seed, num_workers=args.num_workers,
         steps_per_epoch=args.steps_per_epoch, checkpoint_every=args.checkpoint_every, precision=args.precision,
         tf32=args.tf32, hyper_quantization=args.hyper_quantization, hyper_rate_warmup=args.hyper_rate_warmup,
-        hyper_lr_scale=args.hyper_lr_scale)
+        hyper_lr_scale=args.hyper_lr_scale, average_decay=args.average_decay)
 
 
 def main(argv: list[str] | None = None) -> dict:

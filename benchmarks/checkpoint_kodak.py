@@ -52,10 +52,10 @@ def model_from_checkpoint(path: Path, anchor: Path = DEFAULT_ANCHOR) -> tuple[Sy
         # the CLI stores its LoRA settings; the pipeline's runs use their profile's (cpu: r 8, alpha 8)
         lora = LoRAConfig.from_dict(ckpt["lora_config"]) if ckpt.get("lora_config") else load_settings("cpu").model.lora
         inject_lora(model, lora)
-        load_weights(model, ckpt, path)
+        load_weights(model, ckpt, path, averaged=True)
         merge_lora(model, strip=True)
     else:
-        load_weights(model, ckpt, path)
+        load_weights(model, ckpt, path, averaged=True)
     model.eval().update(force=True)
     return model, {"step": ckpt["step"], "lmbda": ckpt.get("lmbda")}
 

@@ -229,3 +229,29 @@ def test_half_precision_storage_codes_like_the_rounded_model(tmp_path):
     a = model.compress(x)
     assert a["strings"] == loaded.compress(x)["strings"]
     assert torch.equal(model.decompress(**a)["x_hat"], loaded.decompress(**a)["x_hat"])
+
+
+def test_entropy_channels_decouple_the_entropy_model_from_the_transforms(tmp_path):
+    assert STFConfig().entropy_width == 384 and STFConfig().entropy_channels is None  # published: unchanged
+    config = STFConfig(**{**TINY.to_dict(), "entropy_channels": 24})
+    model = SymmetricalTransFormer(config)
+    assert config.latent_channels == 64 and config.hyper_channels == 12
+    assert model.h_a[0].in_channels == 64 and model.h_a[0].out_channels == 24
+    assert model.h_mean_s[-1].out_channels == 24 and model.h_scale_s[-1].out_channels == 24
+    assert model.cc_mean_transforms[3][0].in_channels == 24 + 16 * 2
+    assert model.lrp_transforms[0][-1].out_channels == 16  # a slice of the 64-channel latent
+    assert model.num_parameters() < SymmetricalTransFormer(TINY).num_parameters()
+    with pytest.raises(ValueError, match="entropy_channels"):
+        STFConfig(entropy_channels=4)
+    # The width is read back from a state dict without configuration, and the model codes bit-exactly.
+    assert infer_config(model.state_dict()) == config
+    assert infer_config(SymmetricalTransFormer(TINY).state_dict()).entropy_channels is None
+    torch.manual_seed(0)
+    model.eval().update(force=True)
+    x = torch.rand(1, 3, 70, 90)
+    coded = model.compress(x)
+    decoded = model.decompress(coded["strings"], coded["shape"], coded["image_size"])["x_hat"]
+    with torch.no_grad():
+        assert torch.equal(decoded, model(x)["x_hat"].clamp(0, 1))
+    path = save_stf(tmp_path / "small.safetensors", model)
+    assert load_stf(path).config == config

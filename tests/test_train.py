@@ -821,3 +821,64 @@ def test_cli_mosaic_tiles_the_training_crops_and_keeps_validation_plain(tmp_path
     train_set, val_set = train_mod._cli_datasets(args)
     assert len(train_set) == 4 and train_set[0].shape == (3, 32, 32)
     assert len(val_set) == 2 and val_set[0].shape == (3, 16, 16)
+
+
+# ---------------------------------------------------------------------------- CPU-scale recipe (issue 25)
+def test_weight_average_resumes_bit_exact_is_validated_and_is_what_loads(tmp_path, images):
+    config = TrainConfig(lmbda=0.0483, steps=6, batch_size=2, lr=1e-3, seed=5, steps_per_epoch=3,
+                         average_decay=0.9)
+    val = SyntheticImages(2, 64, train=False, seed=9)
+    straight = tiny_model(0)
+    row = train(straight, images, tmp_path / "straight", config, val_data=val, progress=False)
+    interrupted = tiny_model(0)
+    with pytest.raises(Interrupt):
+        train(interrupted, images, tmp_path / "resumed", config, val_data=val, progress=False,
+              on_epoch_end=_stop_after(1))
+    resumed = tiny_model(99)
+    train(resumed, images, tmp_path / "resumed", config, val_data=val, progress=False)
+    assert_same_weights(weights(straight), weights(resumed))
+    last = {name: load_checkpoint(tmp_path / name / "last.pt") for name in ("straight", "resumed")}
+    assert last["straight"]["average"]["updates"] == 6
+    assert_same_weights(last["straight"]["average"]["weights"], last["resumed"]["average"]["weights"])
+
+    # The average differs from the last step's weights, and load_weights(averaged=True) loads it.
+    averaged = tiny_model(1)
+    load_weights(averaged, last["straight"], averaged=True)
+    live = weights(straight)
+    avg = last["straight"]["average"]["weights"]
+    assert not torch.equal(avg["patch_embed.proj.weight"], live["patch_embed.proj.weight"])
+    assert torch.equal(weights(averaged)["patch_embed.proj.weight"], avg["patch_embed.proj.weight"])
+    assert torch.equal(weights(averaged)["entropy_bottleneck.quantiles"], live["entropy_bottleneck.quantiles"])
+    # Validation judged the average (and left the live weights in the model).
+    expected = validate(averaged, val, RateDistortionLoss(0.0483))["loss"]
+    assert row["val_loss"] == pytest.approx(expected, rel=1e-6)
+    assert row["val_loss"] != pytest.approx(validate(straight, val, RateDistortionLoss(0.0483))["loss"], rel=1e-6)
+    with pytest.raises(ValueError, match="average_decay"):
+        TrainConfig(lmbda=0.01, steps=1, average_decay=1.0)
+
+
+def test_hyper_latent_bits_and_precision_are_logged(tmp_path, images):
+    val = SyntheticImages(2, 64, train=False, seed=9)
+    model = tiny_model(0)
+    train(model, images, tmp_path, TrainConfig(lmbda=0.0483, steps=2, batch_size=2, steps_per_epoch=2),
+          val_data=val, progress=False)
+    header, rows = _read_csv(tmp_path / "metrics.csv")
+    assert {"train_bpp_z", "train_z_bits", "val_bpp_z", "val_z_bits", "precision"} <= set(header)
+    assert rows[0]["precision"] == "fp32"
+    # z bits per image are bpp_z times the pixels of one 64 px crop
+    assert float(rows[0]["val_z_bits"]) == pytest.approx(float(rows[0]["val_bpp_z"]) * 64 * 64, rel=1e-6)
+    model.eval()
+    with torch.no_grad():
+        z_likelihoods = model(torch.stack([val[i] for i in range(len(val))]))["likelihoods"]["z"]
+    bits = -torch.log2(z_likelihoods).sum().item() / len(val)
+    assert float(rows[0]["val_z_bits"]) == pytest.approx(bits, rel=1e-4)
+
+
+def test_auto_precision_is_bf16_only_with_bf16_hardware(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(train_mod, "fast_bf16", lambda device: True)
+    assert train_mod.resolved_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(train_mod, "fast_bf16", lambda device: False)
+    assert train_mod.resolved_precision("auto", cpu) == "fp32"
+    assert train_mod.resolved_precision("bf16", cpu) == "bf16"  # asked for explicitly: obeyed
+    assert TrainConfig(lmbda=0.01, steps=1, precision="auto").precision == "auto"

@@ -32,7 +32,7 @@ from torch import Tensor, nn  # noqa: E402
 
 from .swin import PatchEmbed, PatchMerging, PatchSplit, SwinStage  # noqa: E402
 
-# Slice-transform widths of the published model (224-176-128-64) in units of latent_channels / 24.
+# Slice-transform widths of the published model (224-176-128-64) in units of entropy_width / 24.
 _SLICE_TRANSFORM_WIDTHS = (14, 11, 8, 4)
 
 
@@ -49,12 +49,20 @@ class STFConfig:
     patch_size: int = 2
     qkv_bias: bool = True
     drop_path_rate: float = 0.2
+    #: Width of the entropy model (hyperprior and slice transforms). ``None``: the latent's
+    #: channel count M, as published, so that the entropy model grows with the transforms.
+    #: A small model spends its parameters on the transforms instead (``profiles/cpu.yaml``):
+    #: the hyper-analysis maps the M latent channels to this width, the hyper-synthesis
+    #: returns features of this width to the slice transforms, whose widths scale with it.
+    entropy_channels: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "depths", tuple(self.depths))
         object.__setattr__(self, "num_heads", tuple(self.num_heads))
         if len(self.depths) != len(self.num_heads):
             raise ValueError("depths and num_heads need one entry per stage")
+        if self.entropy_channels is not None and self.entropy_channels < 8:
+            raise ValueError(f"entropy_channels must be at least 8 (or None), got {self.entropy_channels}")
         if self.latent_channels % self.num_slices:
             raise ValueError(f"{self.latent_channels} latent channels do not split into {self.num_slices} slices")
         for stage, heads in enumerate(self.num_heads):
@@ -73,14 +81,18 @@ class STFConfig:
         return self.stage_dim(self.num_stages - 1)
 
     @property
+    def entropy_width(self) -> int:  # E: the entropy model's width, M (384) in the published model
+        return self.entropy_channels or self.latent_channels
+
+    @property
     def hyper_channels(self) -> int:  # N: 192 in the published model
-        return self.latent_channels // 2
+        return self.entropy_width // 2
 
     @property
     def hyper_widths(self) -> list[int]:
-        """M -> N in four equal steps (384-336-288-240-192)."""
-        m, n = self.latent_channels, self.hyper_channels
-        return [m - k * (m - n) // 4 for k in range(5)]
+        """E -> N in four equal steps (384-336-288-240-192 in the published model)."""
+        e, n = self.entropy_width, self.hyper_channels
+        return [e - k * (e - n) // 4 for k in range(5)]
 
     @property
     def slice_channels(self) -> int:
@@ -92,8 +104,8 @@ class STFConfig:
 
     @property
     def slice_transform_widths(self) -> list[int]:
-        m = self.latent_channels
-        return [round(m * k / 24) for k in _SLICE_TRANSFORM_WIDTHS] + [self.slice_channels]
+        e = self.entropy_width
+        return [round(e * k / 24) for k in _SLICE_TRANSFORM_WIDTHS] + [self.slice_channels]
 
     @property
     def latent_stride(self) -> int:
@@ -121,10 +133,10 @@ def _slice_transform(in_channels: int, widths: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _hyper_analysis(widths: list[int]) -> nn.Sequential:
+def _hyper_analysis(latent_channels: int, widths: list[int]) -> nn.Sequential:
     m0, m1, m2, m3, n = widths
     return nn.Sequential(
-        conv3x3(m0, m0), nn.GELU(), conv3x3(m0, m1), nn.GELU(), conv3x3(m1, m2, stride=2),
+        conv3x3(latent_channels, m0), nn.GELU(), conv3x3(m0, m1), nn.GELU(), conv3x3(m1, m2, stride=2),
         nn.GELU(), conv3x3(m2, m3), nn.GELU(), conv3x3(m3, n, stride=2),
     )
 
@@ -189,10 +201,11 @@ class SymmetricalTransFormer(CompressionModel):
                       resample=PatchSplit if i < n_stages - 1 else None)
             for i in range(n_stages)
         )
-        self.h_a = _hyper_analysis(cfg.hyper_widths)
+        self.h_a = _hyper_analysis(cfg.latent_channels, cfg.hyper_widths)
         self.h_mean_s = _hyper_synthesis(cfg.hyper_widths)
         self.h_scale_s = _hyper_synthesis(cfg.hyper_widths)
-        m, s, support = cfg.latent_channels, cfg.slice_channels, cfg.max_support_slices
+        # The slice transforms see the hyperprior's features (E channels) and the decoded slices.
+        m, s, support = cfg.entropy_width, cfg.slice_channels, cfg.max_support_slices
         widths = cfg.slice_transform_widths
         self.cc_mean_transforms = nn.ModuleList(
             _slice_transform(m + s * min(i, support), widths) for i in range(cfg.num_slices))

@@ -1,0 +1,141 @@
+"""The CPU-scale pilot: candidate STF sizes trained side by side for the same wall time.
+
+Each candidate is the same STF class with another :class:`~alice_lib.models.stf.STFConfig`
+(the capacity moved from the entropy model into the transforms, ``entropy_channels``),
+trained from random weights with one recipe at the anchor's lambda, one process and
+one thread each, all at once, so that they share the machine alike. Every run is
+``python -m alice_lib.train`` in its own folder under ``--root`` and resumes where
+it stopped: calling this again continues each run until its training time (the
+``seconds`` column of its ``metrics.csv``) reaches ``--hours``.
+
+    python benchmarks/cpu_scale_pilot.py train --hours 3          # resumable; Ctrl-C stops every run
+    python benchmarks/cpu_scale_pilot.py report --out docs/cpu-scale/pilot
+    python benchmarks/checkpoint_kodak.py runs/cpu-scale-pilot/*/best.pt   # Kodak, real bitstreams, vs JPEG
+
+``report`` writes ``pilot.csv`` (the last validation of each run, its steps and
+hours, and the slope of its validation loss over the last hour) and ``pilot.png``
+(validation loss and PSNR against hours).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "bsds432"
+
+#: Candidate sizes (``--model-set`` overrides of the cpu profile's model), each about 3.6M parameters.
+CANDIDATES: dict[str, list[str]] = {
+    # wide and shallow: one block per stage, no shifted window anywhere
+    "e32-d1111-w8": ["embed_dim=32", "depths=[1,1,1,1]", "num_heads=[2,4,8,16]", "window_size=8",
+                     "entropy_channels=48"],
+    # narrow and deep: a shifted-window block in every stage, as in Swin
+    "e24-d2222-w8": ["embed_dim=24", "depths=[2,2,2,2]", "num_heads=[2,4,6,12]", "window_size=8",
+                     "entropy_channels=48"],
+}
+
+#: One recipe for every candidate: the anchor's lambda, 4 crops of 256 px, a constant
+#: learning rate (the pilot is the first part of a longer run; the decay comes at the
+#: end), a live hyperprior (recipe v2's start and its slower learning rate) and a
+#: moving average of the weights, which is what validation judges.
+RECIPE = ["--lmbda", "0.0483", "--batch-size", "4", "--crop", "256", "--val-images", "16", "--val-crop", "256",
+          "--lr", "5e-4", "--schedule", "constant", "--steps", "1000000", "--steps-per-epoch", "200",
+          "--checkpoint-every", "50", "--average-decay", "0.999", "--hyper-init-gain", "300",
+          "--hyper-lr-scale", "0.125", "--precision", "fp32", "--seed", "0"]
+
+
+def trained_hours(run_dir: Path) -> float:
+    """Training time so far, from ``metrics.csv`` (finished epochs only)."""
+    path = run_dir / "metrics.csv"
+    return float(pd.read_csv(path)["seconds"].sum()) / 3600 if path.exists() else 0.0
+
+
+def train(args: argparse.Namespace) -> None:
+    processes: dict[str, subprocess.Popen] = {}
+    for name in args.candidates:
+        run_dir = args.root / name
+        if trained_hours(run_dir) >= args.hours:
+            print(f"{name}: {trained_hours(run_dir):.2f} h trained, done")
+            continue
+        run_dir.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "alice_lib.train", "--data", str(args.data), "--run-dir", str(run_dir),
+                   "--profile", "cpu", "--threads", str(args.threads), "--no-progress", *RECIPE]
+        for item in CANDIDATES[name]:
+            command += ["--model-set", item]
+        log = open(run_dir / "train.log", "a")
+        processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        print(f"{name}: started (pid {processes[name].pid}), log in {run_dir / 'train.log'}", flush=True)
+    try:
+        while processes:
+            time.sleep(30)
+            for name, process in list(processes.items()):
+                hours = trained_hours(args.root / name)
+                if process.poll() is not None:
+                    print(f"{name}: exited with {process.returncode} after {hours:.2f} h", flush=True)
+                    del processes[name]
+                elif hours >= args.hours:
+                    process.terminate()
+                    process.wait()
+                    print(f"{name}: {hours:.2f} h trained, stopped", flush=True)
+                    del processes[name]
+    finally:
+        for process in processes.values():
+            process.terminate()
+
+
+def report(args: argparse.Namespace) -> pd.DataFrame:
+    import matplotlib.pyplot as plt
+
+    rows, curves = [], {}
+    for name in args.candidates:
+        path = args.root / name / "metrics.csv"
+        if not path.exists():
+            continue
+        log = pd.read_csv(path)
+        log["hours"] = log["seconds"].cumsum() / 3600
+        curves[name] = log
+        last = log.iloc[-1]
+        recent = log[log["hours"] >= last["hours"] - 1.0]
+        slope = (recent["val_loss"].iloc[-1] - recent["val_loss"].iloc[0]) / max(
+            recent["hours"].iloc[-1] - recent["hours"].iloc[0], 1e-9)
+        rows.append({"candidate": name, "steps": int(last["step"]), "hours": last["hours"],
+                     "val_loss": last["val_loss"], "val_bpp": last["val_bpp"], "val_psnr": last["val_psnr"],
+                     "val_z_bits": last.get("val_z_bits"), "val_loss_per_hour_last_hour": slope})
+    table = pd.DataFrame(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.out / "pilot.csv", index=False)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, log in curves.items():
+        axes[0].plot(log["hours"], log["val_loss"], label=name)
+        axes[1].plot(log["hours"], log["val_psnr"], label=name)
+    axes[0].set(xlabel="hours of training (one thread)", ylabel="validation loss (λ·255²·MSE + bpp)")
+    axes[1].set(xlabel="hours of training (one thread)", ylabel="validation PSNR (dB)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(args.out / "pilot.png", dpi=120)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"written: {args.out / 'pilot.csv'}, {args.out / 'pilot.png'}")
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=("train", "report"))
+    parser.add_argument("--root", type=Path, default=ROOT / "runs" / "cpu-scale-pilot")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    parser.add_argument("--hours", type=float, default=3.0, help="training time per candidate")
+    parser.add_argument("--threads", type=int, default=1, help="threads per candidate")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "cpu-scale" / "pilot")
+    args = parser.parse_args(argv)
+    train(args) if args.command == "train" else report(args)
+
+
+if __name__ == "__main__":
+    main()

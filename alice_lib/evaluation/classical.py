@@ -13,6 +13,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,8 @@ from .coding import coded_row, tqdm
 from .metrics import image_quality
 from .tables import CLASSICAL_CSV, RowWriter, read_results
 
-__all__ = ["CLASSICAL_CODECS", "avif_available", "usable_codecs", "code_classical", "evaluate_classical",
+__all__ = ["CLASSICAL_CODECS", "ClassicalCoded", "avif_available", "usable_codecs", "encode_classical",
+           "decode_classical", "code_classical", "code_classical_image", "evaluate_classical",
            "classical_descriptions"]
 
 #: Pillow format, fixed save options and the default quality sweep of each codec.
@@ -71,32 +73,60 @@ def usable_codecs(codecs: Sequence[str]) -> list[str]:
     return usable
 
 
-def code_classical(image: Tensor, codec: str, quality: int, options: Mapping | None = None) -> dict:
-    """Encode and decode one ``uint8 [3, H, W]`` image with Pillow; the metric fields of a result row.
+@dataclass(frozen=True, eq=False)  # holds a tensor: compared by identity
+class ClassicalCoded:
+    """One image through a classical codec: the file, what it decodes to, and its result-row fields."""
 
-    ``options`` override the :data:`CLASSICAL_CODECS` save options.
+    data: bytes            # the whole file Pillow wrote
+    reconstruction: Tensor  # uint8 [3, H, W]
+    row: dict              # the metric fields of a result row (:func:`code_classical`)
+
+
+def encode_classical(image: Tensor, codec: str, quality: int, options: Mapping | None = None) -> bytes:
+    """The whole file Pillow writes for a ``uint8 [3, H, W]`` image (no decoding, no metric).
+
+    Alone because a size is all a search over qualities needs (``alice_lib.explore``
+    sizes every JPEG quality of an image once); ``options`` override the
+    :data:`CLASSICAL_CODECS` save options.
     """
     spec = CLASSICAL_CODECS[codec]
-    opts = {**spec["options"], **(options or {})}
-    h, w = image.shape[-2:]
     pil = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy(), mode="RGB")
     buf = io.BytesIO()
-    start = time.perf_counter()
-    pil.save(buf, spec["format"], quality=int(quality), **opts)
-    enc_time = time.perf_counter() - start
-    data = buf.getvalue()
-    start = time.perf_counter()
+    pil.save(buf, spec["format"], quality=int(quality), **{**spec["options"], **(options or {})})
+    return buf.getvalue()
+
+
+def decode_classical(data: bytes) -> Tensor:
+    """A classical file's image as ``uint8 [3, H, W]`` RGB."""
     with Image.open(io.BytesIO(data)) as decoded:
         decoded.load()
         rgb = np.array(decoded.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+
+
+def code_classical_image(image: Tensor, codec: str, quality: int, options: Mapping | None = None) -> ClassicalCoded:
+    """Encode and decode one ``uint8 [3, H, W]`` image with Pillow, keeping the file and its reconstruction."""
+    h, w = image.shape[-2:]
+    start = time.perf_counter()
+    data = encode_classical(image, codec, quality, options)
+    enc_time = time.perf_counter() - start
+    start = time.perf_counter()
+    recon = decode_classical(data)
     dec_time = time.perf_counter() - start
-    recon = torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
     if recon.shape != image.shape:
         raise RuntimeError(f"{codec} decoded {tuple(recon.shape)} from {tuple(image.shape)}")
     row = {"height": h, "width": w, "bytes": len(data), "bpp": 8.0 * len(data) / (h * w),
            "bpp_estimated": math.nan, "enc_time_s": enc_time, "dec_time_s": dec_time, "padding": "none"}
     row.update(image_quality(image, recon))
-    return row
+    return ClassicalCoded(data, recon, row)
+
+
+def code_classical(image: Tensor, codec: str, quality: int, options: Mapping | None = None) -> dict:
+    """Encode and decode one ``uint8 [3, H, W]`` image with Pillow; the metric fields of a result row.
+
+    ``options`` override the :data:`CLASSICAL_CODECS` save options.
+    """
+    return code_classical_image(image, codec, quality, options).row
 
 
 def classical_descriptions(codecs: Iterable[str], options: Mapping[str, Mapping] | None = None) -> dict[str, str]:

@@ -235,3 +235,25 @@ def deterministic_weights_(model: nn.Module) -> nn.Module:
             else:
                 p.copy_(0.1 * r)
     return model
+
+
+# ----------------------------------------------------------------------------- the shipped CPU models
+#: Where the package ships the CPU profile's models (``profiles/cpu.yaml``).
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+SHIPPED_ANCHOR = "cpu_anchor.safetensors"
+_SHIPPED_ADAPTER = re.compile(r"^cpu_alice_(\d+(?:\.\d+)?(?:e-?\d+)?)\.safetensors$")
+
+
+def shipped_weights(weights_dir: str | Path | None = None) -> tuple[Path, list[Path]]:
+    """The CPU profile's shipped anchor and ALICE adapter files (``cpu_alice_<lambda>.safetensors``), by lambda.
+
+    Here, below the codec's users, so that the command line and the notebooks find the
+    default weights the same way. ``FileNotFoundError`` when the anchor is absent.
+    """
+    weights_dir = Path(weights_dir or WEIGHTS_DIR)
+    anchor = weights_dir / SHIPPED_ANCHOR
+    if not anchor.is_file():
+        raise FileNotFoundError(f"the shipped CPU model {anchor} is missing (reinstall the package)")
+    adapters = sorted((p for p in weights_dir.glob("cpu_alice_*.safetensors") if _SHIPPED_ADAPTER.match(p.name)),
+                      key=lambda p: float(_SHIPPED_ADAPTER.match(p.name).group(1)))
+    return anchor, adapters

@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 import time
 from pathlib import Path
 
 from .codec.format import DEFAULT_TILE  # no torch: the format module is light
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-SHIPPED_ANCHOR = "cpu_anchor.safetensors"
-_SHIPPED_ADAPTER = re.compile(r"^cpu_alice_(\d+(?:\.\d+)?(?:e-?\d+)?)\.safetensors$")
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # checkpoints.WEIGHTS_DIR, without importing torch
 
 
 class CLIError(Exception):
@@ -87,15 +84,14 @@ def _parameters(pairs: list[str], command: str = "run") -> dict:
 
 
 def shipped_weights(weights_dir: Path | None = None) -> tuple[Path, list[Path]]:
-    """The CPU profile's shipped anchor and adapter files (``cpu_alice_<lambda>.safetensors``)."""
-    weights_dir = Path(weights_dir or WEIGHTS_DIR)
-    anchor = weights_dir / SHIPPED_ANCHOR
-    if not anchor.is_file():
-        raise CLIError(f"the shipped CPU model {anchor} is missing (reinstall the package, or pass --model PATH "
-                       f"[--adapters PATH ...])")
-    adapters = sorted((p for p in weights_dir.glob("cpu_alice_*.safetensors") if _SHIPPED_ADAPTER.match(p.name)),
-                      key=lambda p: float(_SHIPPED_ADAPTER.match(p.name).group(1)))
-    return anchor, adapters
+    """The CPU profile's shipped anchor and adapters (:func:`alice_lib.checkpoints.shipped_weights`) of
+    ``weights_dir`` (default :data:`WEIGHTS_DIR`); a :class:`CLIError` when the anchor is absent."""
+    from .checkpoints import shipped_weights as find
+
+    try:
+        return find(weights_dir or WEIGHTS_DIR)
+    except FileNotFoundError as error:
+        raise CLIError(f"{error}; or pass --model PATH [--adapters PATH ...]") from None
 
 
 def _anchor_lmbda(path: Path, given: float | None) -> float:

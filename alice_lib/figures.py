@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 
 from .evaluation import ANCHOR_METHOD, anchor_points, published_points, rd_curves
 
-__all__ = ["METHOD_STYLES", "ANCHOR_STYLE", "PAPER_RC", "plot_rd", "plot_rd_curves", "plot_parameter_bars",
+__all__ = ["METHOD_STYLES", "ANCHOR_STYLE", "PAPER_RC", "draw_rd", "plot_rd", "plot_rd_curves", "plot_parameter_bars",
            "plot_training_curve", "plot_complexity_table", "save_figure"]
 
 #: label, colour, marker, line style per method (Okabe-Ito colours, colour-blind safe).
@@ -65,14 +65,19 @@ PAPER_RC = {
 _METRIC_LABELS = {"psnr": "PSNR (dB)", "ms_ssim_db": "MS-SSIM (dB)"}
 
 
-def save_figure(fig: Figure, out_dir: str | Path, stem: str) -> list[Path]:
-    """Save ``fig`` as ``<stem>.png`` (300 dpi) and ``<stem>.pdf``; returns both paths."""
+def save_figure(fig: Figure, out_dir: str | Path, stem: str, *, dpi: int = 300,
+                formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+    """Save ``fig`` as ``<stem>.png`` (300 dpi) and ``<stem>.pdf``; returns the paths.
+
+    ``dpi`` and ``formats`` for figures that are not for print (the explorer's view, a
+    photograph-sized PNG only).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for ext in ("png", "pdf"):
+    for ext in formats:
         path = out_dir / f"{stem}.{ext}"
-        fig.savefig(path, dpi=300, bbox_inches="tight")
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
         paths.append(path)
     return paths
 
@@ -117,6 +122,50 @@ def _anchor_label(anchor: pd.DataFrame) -> str:
     return ANCHOR_STYLE["label"] + (f", \u03bb = {lmbda.iloc[0]:g}" if len(lmbda) else "")
 
 
+def draw_rd(
+    ax,
+    summary: pd.DataFrame,
+    metric: str = "psnr",
+    *,
+    methods: Sequence[str] | None = None,
+    published: bool = True,
+    curves_include_anchor: bool = False,
+    xlim: tuple[float, float] | None = None,
+    legend: str | None = "outside",
+) -> None:
+    """Draw the RD curves of ``metric`` against bpp on ``ax``: the one drawing of :func:`plot_rd`.
+
+    Separate from the saving so that a figure made elsewhere (``alice_lib.explore``'s view)
+    draws exactly the report's curves, styles and limits. ``legend``: ``"outside"`` (beside
+    the axes, never over the curves), ``"inside"`` (the best corner) or None.
+    """
+    if metric not in _METRIC_LABELS:
+        raise ValueError(f"metric must be one of {sorted(_METRIC_LABELS)}")
+    df = _rd_points(summary, metric, published)
+    curves = rd_curves(df, curves_include_anchor=curves_include_anchor)
+    order = _method_order([m for m in curves if methods is None or m in methods])
+    anchor = anchor_points(df)
+    auto_xlim, ylim = _rd_limits(df, metric) if len(df) else (None, None)
+    xlim = xlim or auto_xlim
+    for i, method in enumerate(order):
+        st = _style(method, i)
+        ax.plot(curves[method]["bpp"], curves[method][metric], label=st["label"], color=st["color"],
+                marker=st["marker"], linestyle=st["linestyle"])
+    if len(anchor):
+        ax.plot(anchor["bpp"], anchor[metric], **{**ANCHOR_STYLE, "label": _anchor_label(anchor)})
+    ax.set_xlabel("Rate (bpp)")
+    ax.set_ylabel(_METRIC_LABELS[metric])
+    if xlim is not None:
+        ax.set_xlim(*xlim)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.grid(True, alpha=0.4)
+    if legend == "outside" and (order or len(anchor)):
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, borderaxespad=0.0)
+    elif legend == "inside" and (order or len(anchor)):
+        ax.legend(loc="best", frameon=False)
+
+
 def plot_rd(
     summary: pd.DataFrame,
     out_dir: str | Path,
@@ -137,33 +186,13 @@ def plot_rd(
     """
     if metric not in _METRIC_LABELS:
         raise ValueError(f"metric must be one of {sorted(_METRIC_LABELS)}")
-    df = _rd_points(summary, metric, published)
-    curves = rd_curves(df, curves_include_anchor=curves_include_anchor)
-    order = _method_order([m for m in curves if methods is None or m in methods])
-    anchor = anchor_points(df)
-    auto_xlim, ylim = _rd_limits(df, metric) if len(df) else (None, None)
-    xlim = xlim or auto_xlim
     with matplotlib.rc_context(PAPER_RC):
         fig = Figure(figsize=size)
         ax = fig.add_subplot()
-        for i, method in enumerate(order):
-            st = _style(method, i)
-            ax.plot(curves[method]["bpp"], curves[method][metric], label=st["label"], color=st["color"],
-                    marker=st["marker"], linestyle=st["linestyle"])
-        if len(anchor):
-            ax.plot(anchor["bpp"], anchor[metric], **{**ANCHOR_STYLE, "label": _anchor_label(anchor)})
-        ax.set_xlabel("Rate (bpp)")
-        ax.set_ylabel(_METRIC_LABELS[metric])
-        if xlim is not None:
-            ax.set_xlim(*xlim)
-        if ylim is not None:
-            ax.set_ylim(*ylim)
-        ax.grid(True, alpha=0.4)
+        draw_rd(ax, summary, metric, methods=methods, published=published,
+                curves_include_anchor=curves_include_anchor, xlim=xlim)
         if title:
             ax.set_title(title)
-        if order or len(anchor):
-            # Beside the axes, never over the curves (learned curves can sit anywhere).
-            ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False, borderaxespad=0.0)
         fig.tight_layout()
         paths = save_figure(fig, out_dir, stem or ("rd_psnr" if metric == "psnr" else "rd_msssim"))
     return fig, paths

@@ -642,7 +642,7 @@ class ExplorerPanel:
 
         self.ex, self.view, self.out_dir = explorer, view, Path(out_dir)
         lo, hi = math.log10(explorer.lmbdas[0]), math.log10(explorer.lmbdas[-1])
-        self.step = (hi - lo) / 300
+        self.step = (hi - lo) / 1000  # fine enough that a value set here reads back unchanged (5 digits)
         self.slider = w.FloatLogSlider(value=view.lmbda, base=10, min=lo, max=hi, step=self.step,
                                        description="lambda", readout_format=".5f", continuous_update=True,
                                        layout=w.Layout(width="520px"))

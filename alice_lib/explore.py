@@ -644,7 +644,7 @@ class ExplorerPanel:
         lo, hi = math.log10(explorer.lmbdas[0]), math.log10(explorer.lmbdas[-1])
         self.step = (hi - lo) / 1000  # fine enough that a value set here reads back unchanged (5 digits)
         self.slider = w.FloatLogSlider(value=view.lmbda, base=10, min=lo, max=hi, step=self.step,
-                                       description="lambda", readout_format=".5f", continuous_update=True,
+                                       description="lambda", readout_format=".4f", continuous_update=True,
                                        layout=w.Layout(width="520px"))
         self.mode = w.ToggleButtons(options=["interpolate", "alpha"], value=view.mode, description="mode")
         self.target = w.BoundedFloatText(value=round(view.bpp, 3), min=0.01, max=8.0, step=0.01,

@@ -557,11 +557,13 @@ class Debounce:
 
     Why: a kernel handles widget messages one at a time; coding every value a drag passes
     through would queue seconds of work behind the slider. ``gather`` seconds collect the
-    messages already queued; ``rest`` seconds without a move count as a release. Without a
-    running event loop (a script, a test without one) the full view is made at once.
+    messages already queued; ``rest`` seconds without a move count as a release. Moves that
+    queued up behind a running preview are only seen after it, so a rest is confirmed by
+    ``gather`` more seconds without a move before the full view is made. Without a running
+    event loop (a script, a test without one) the full view is made at once.
     """
 
-    def __init__(self, preview: Callable[[], None], full: Callable[[], None], *, gather: float = 0.05,
+    def __init__(self, preview: Callable[[], None], full: Callable[[], None], *, gather: float = 0.1,
                  rest: float = 0.6):
         self.preview, self.full, self.gather, self.rest = preview, full, gather, rest
         self._preview = self._full = None
@@ -573,13 +575,20 @@ class Debounce:
             return
         if self._preview is None:
             self._preview = loop.call_later(self.gather, self._run_preview)
+        self._arm(loop, self.rest, self._settle)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, delay: float, callback: Callable[[], None]) -> None:
         if self._full is not None:
             self._full.cancel()
-        self._full = loop.call_later(self.rest, self._run_full)
+        self._full = loop.call_later(delay, callback)
 
     def _run_preview(self) -> None:
         self._preview = None
         self.preview()
+
+    def _settle(self) -> None:
+        """Rested as far as seen: let moves queued behind a preview arrive (they re-arm the rest) first."""
+        self._arm(_running_loop(), self.gather, self._run_full)
 
     def _run_full(self) -> None:
         self._full = None

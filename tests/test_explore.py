@@ -222,6 +222,31 @@ def test_debounce_makes_one_preview_per_burst_and_one_full_view_when_it_rests():
     assert calls[-1] == "full"
 
 
+def test_moves_queued_behind_a_slow_preview_are_seen_before_the_full_view():
+    """A kernel reads the messages of a drag that arrived during a preview only after it: the full view waits."""
+    import time
+
+    moves, fulls = [], []
+
+    def slow_preview():
+        time.sleep(0.08)  # longer than the rest: the rest timer has expired when it returns
+        if len(moves) == 1:  # a move that queued up meanwhile, read just after
+            asyncio.get_running_loop().call_later(0.01, move)
+
+    def move():
+        moves.append(1)
+        debounce.moved()
+
+    debounce = explore.Debounce(slow_preview, lambda: fulls.append(len(moves)), gather=0.03, rest=0.05)
+
+    async def drag():
+        move()
+        await asyncio.sleep(0.5)
+
+    asyncio.run(drag())
+    assert fulls == [2], fulls  # the first full view came after the queued move, not before it
+
+
 def test_the_panel_builds_and_reacts_without_a_front_end(explorer, tmp_path):
     first = explorer.view(math.log(0.005))
     panel = explore.ExplorerPanel(explorer, first, tmp_path)

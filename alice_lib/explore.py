@@ -472,9 +472,9 @@ def _titles(view: View) -> tuple[str, str, str]:
     fits = (f"{view.jpeg.bytes:,} B <= {view.jpeg.budget:,} B" if view.jpeg.fits else
             f"{view.jpeg.bytes:,} B: LARGER than {view.jpeg.budget:,} B, even quality 1 does not fit")
     return (f"Original: {view.image_name}, {w}x{h}",
-            f"ALICE, lambda {view.lmbda:.5f} ({view.mode}): {view.alice.file_bytes:,} B file\n"
-            f"{view.bpp:.3f} bpp (bitstreams), PSNR {q['psnr']:.2f} dB, MS-SSIM {q['ms_ssim']:.4f}",
-            f"JPEG 4:4:4, quality {view.jpeg.quality}: {fits}\n"
+            f"ALICE, lambda {view.lmbda:.5f} ({view.mode}): {view.alice.file_bytes:,} B\n"
+            f"{view.bpp:.3f} bpp, PSNR {q['psnr']:.2f} dB, MS-SSIM {q['ms_ssim']:.4f}",
+            f"JPEG 4:4:4 quality {view.jpeg.quality}: {fits}\n"
             f"{jpeg['bpp']:.3f} bpp, PSNR {jpeg['psnr']:.2f} dB, MS-SSIM {jpeg['ms_ssim']:.4f}")
 
 
@@ -664,7 +664,7 @@ class ExplorerPanel:
         self.crop_x = w.FloatSlider(value=0.5, min=0, max=1, step=0.01, description="crop x", continuous_update=False)
         self.save = w.Button(description="write .alice", icon="save")
         self.saved, self.status = w.HTML(), w.HTML()
-        self.captions = [w.HTML() for _ in range(3)]
+        self.captions = [w.HTML(layout=w.Layout(height="3.2em")) for _ in range(3)]  # the pictures stay aligned
         self.images = [w.Image(format="png", layout=w.Layout(width="100%")) for _ in range(3)]
         self.crops = [w.Image(format="png") for _ in range(3)]
         self.rd = w.Image(format="png")
@@ -676,7 +676,7 @@ class ExplorerPanel:
             w.HBox([self.crop, self.crop_y, self.crop_x]),
             w.HBox([self.save, self.saved]), self.status,
             w.HBox([w.VBox([c, i], layout=column) for c, i in zip(self.captions, self.images)]),
-            w.HBox([*self.crops, self.rd])])
+            w.HBox(self.crops), self.rd])
         self.debounce = Debounce(self._preview, self._full)
         self._originals: dict[tuple, bytes] = {}
         self._wire()
@@ -745,7 +745,9 @@ class ExplorerPanel:
         kind = f"preview at {view.scale:g} of the size" if view.preview else "full image"
         self.status.value = (f"<b>{kind}</b>: {view.describe()}<br>seconds (when first made): "
                              + ", ".join(f"{k} {v:.2f}" for k, v in seconds.items())
-                             + (f"<br>{view.note}" if view.note else ""))
+                             + (f"<br>{view.note}" if view.note else "")
+                             + "<br><small>bytes: whole files; ALICE's bpp: its bitstreams, as the RD curves "
+                               "count learned codecs (JPEG's: the whole file, as its curve)</small>")
 
     def _png(self, original: Tensor, box: Box) -> bytes:
         """The original's picture, made once per scale and crop (it changes with nothing else)."""

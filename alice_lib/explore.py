@@ -664,10 +664,10 @@ class ExplorerPanel:
         self.crop_x = w.FloatSlider(value=0.5, min=0, max=1, step=0.01, description="crop x", continuous_update=False)
         self.save = w.Button(description="write .alice", icon="save")
         self.saved, self.status = w.HTML(), w.HTML()
-        self.captions = [w.HTML(layout=w.Layout(height="3.2em")) for _ in range(3)]  # the pictures stay aligned
+        self.captions = [w.HTML(layout=w.Layout(height="4em")) for _ in range(3)]  # the pictures stay aligned
         self.images = [w.Image(format="png", layout=w.Layout(width="100%")) for _ in range(3)]
         self.crops = [w.Image(format="png") for _ in range(3)]
-        self.rd = w.Image(format="png")
+        self.rd = w.Image(format="png", layout=w.Layout(width="760px"))  # its own size, not stretched
         knots = ", ".join(f"{x:g}" for x in explorer.lmbdas)
         column = w.Layout(width="33%")
         self.widget = w.VBox([

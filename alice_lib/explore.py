@@ -23,8 +23,8 @@ A :class:`View` is one position of the controls, everything in it measured on re
   (:func:`rd_reference`); its bpp counts the bitstreams, as the curves' learned points do.
 
 Responsive on a CPU (:class:`Explorer`): the model and adapters are loaded once and
-shared by both modes (a move rewrites the adapted layers in place, about a millisecond
-for the CPU model), every JPEG quality's size is measured once per image and scale, and
+shared by both modes (a move rewrites the adapted layers in place: 1 to 5 ms measured for
+the CPU model), every JPEG quality's size is measured once per image and scale, and
 views are kept per (mode, control, scale). While the slider moves a downscaled preview is
 coded; the full image once it rests (:class:`Debounce`). The widgets
 (:class:`ExplorerPanel`) are a thin layer over :class:`Explorer`.

@@ -51,6 +51,7 @@ REFERENCE_SOURCES = ("finetune", "scratch", "published")
 SCHEDULES = ("cosine", "plateau", "constant")
 SCHEDULE_UNITS = ("step", "epoch")
 PRECISIONS = ("fp32", "bf16", "auto")
+METRICS = ("mse", "ms-ssim")
 VAL_SOURCES = ("held_out", "openimages-test", "folder")
 TRAIN_SOURCES = ("auto", "openimages")
 PADDINGS = ("reference", "replicate")  # reference: zeros, centred, to 128; replicate: edges, right/bottom, to 64
@@ -92,12 +93,15 @@ class TrainingSettings:
     tf32: bool = False
     num_workers: int | None = None  # None: the training loop decides (0 on a CPU, workers on a GPU)
     validate_every: int | None = None  # with ``steps``: validate and log every N steps instead of every pass
-    hyper_init_gain: float = 1.0  # from random weights: h_a's last layer x this (train.amplify_hyper_latent)
-    hyper_lr_scale: float = 1.0  # the hyperprior path learns at lr x this (TrainConfig.hyper_lr_scale)
+    hyper_init_gain: float = 1.0  # from random weights: h_a's last layer x this (alice_lib/train/hyperprior.py)
+    hyper_lr_scale: float = 1.0  # the hyperprior path learns at lr x this (alice_lib/train/hyperprior.py)
     mosaic: int = 1  # >1: each training image is a mosaic x mosaic grid of crops (data.Mosaics)
     average_decay: float = 0.0  # >0: moving average of the weights, validated and shipped (train.WeightAverage)
+    also_train: tuple[str, ...] = ()  # ablations: modules an adaptation trains as well (train.prepare_method)
 
     def __post_init__(self) -> None:
+        also = self.also_train
+        object.__setattr__(self, "also_train", (also,) if isinstance(also, str) else tuple(also))
         if (self.epochs is None) == (self.steps is None):
             raise SettingsError("give exactly one of epochs and steps")
         if self.validate_every is not None and self.epochs is not None:
@@ -153,7 +157,7 @@ class ModelSettings:
     metric: str = "mse"
 
     def __post_init__(self) -> None:
-        _choice("metric", self.metric, ("mse", "ms-ssim"))
+        _choice("metric", self.metric, METRICS)
 
 
 @dataclass(frozen=True)

@@ -216,13 +216,13 @@ def prepare_references(profile, run_dir: str | Path, checkpoints: dict | None = 
 
     By ``references.source``: ``published``, the checkpoints given; ``scratch``, the weights the
     profile ships, else a model trained here from random weights with the anchor's recipe (the
-    same budget, so the comparison is fair whether or not it converges); ``finetune``, nothing
+    same budget, so the comparison is fair whether or not it converges); ``full``, nothing
     here (03_adapt's ``full`` method stands in). Checkpoints given explicitly always win.
     """
     settings = load_profile(profile)
     if checkpoints or settings.references.source == "published":
         return published_references(settings, run_dir, checkpoints)
-    if settings.references.source == "finetune":
+    if settings.references.source == "full":
         return {}
     layout, done = RunLayout(run_dir), {}
     for lmbda in settings.targets:
@@ -334,7 +334,8 @@ def load_rate_model(run_dir: str | Path, method: str, lmbda: float, profile=None
     """A model for one (method, lambda): ``alice`` unmerged, ``malice`` merged, others plain.
 
     ``fixed-rate`` is the reference 02_fixed_rate put in the run folder; without one it is the
-    ``full`` fine-tune only when the profile's references are fine-tunes (or no profile is given).
+    ``full`` fine-tune only when the profile's references are its models (``references.source: full``,
+    or no profile is given).
     """
     layout = RunLayout(run_dir)
     if method in ("alice", "malice"):
@@ -346,10 +347,8 @@ def load_rate_model(run_dir: str | Path, method: str, lmbda: float, profile=None
     if method == "fixed-rate":
         if layout.fixed_rate(lmbda).exists():
             return load_stf(layout.fixed_rate(lmbda))
-        if profile is not None and load_profile(profile).references.source != "finetune":
+        if profile is not None and load_profile(profile).references.source != "full":
             raise PipelineError(f"{layout.fixed_rate(lmbda)} not found: run notebooks/02_fixed_rate.ipynb first")
-        method = "full"
-    if method == "full-finetune":
         method = "full"
     path = layout.rate_artifact(method, lmbda)
     if not path.exists():

@@ -41,13 +41,15 @@ OUTPUT_ROOT_ENV = "ALICE_OUTPUT_ROOT"  # runs/ and reports/ go here instead of t
 
 # Method trained per target lambda -> the training mode of lora.mark_trainable / count_parameters.
 TRAINING_MODES: dict[str, str] = {"alice": "lora", "vanilla": "vanilla", "full": "full"}
-# How each trained method is labelled in results, tables and figures.
+# How each trained method's models count in the parameter table: a ``full`` model is a fixed-rate model.
 RESULT_LABEL: dict[str, str] = {"alice": "alice", "vanilla": "vanilla", "full": "fixed-rate"}
-# Methods an evaluation can list: the trained ones by label, and MALICE (ALICE merged).
-# ``full-finetune`` is the ``full`` method when the fixed-rate curve comes from elsewhere.
-EVALUATED_METHODS = ("fixed-rate", "alice", "malice", "vanilla", "full-finetune")
-# Where the fixed-rate curve comes from (see ReferenceSettings).
-REFERENCE_SOURCES = ("finetune", "scratch", "published")
+# Methods an evaluation can list: the fixed-rate curve (ReferenceSettings), the trained methods by their
+# names, and MALICE (ALICE merged).
+EVALUATED_METHODS = ("fixed-rate", "alice", "malice", "vanilla", "full")
+# Where the fixed-rate curve comes from (see ReferenceSettings); ``full``: the ``full`` method's models.
+REFERENCE_SOURCES = ("full", "scratch", "published")
+# Names used before one name per training mode (issue 26), read from older profiles.
+_OLD_NAMES = {"finetune": "full", "full-finetune": "full"}
 SCHEDULES = ("cosine", "plateau", "constant")
 SCHEDULE_UNITS = ("step", "epoch")
 PRECISIONS = ("fp32", "bf16", "auto")
@@ -209,16 +211,16 @@ class AnchorSettings:
 class ReferenceSettings:
     """Where the fixed-rate reference at each target lambda comes from.
 
-    * ``finetune``: the ``full`` method (every weight fine-tuned from the anchor) stands in
+    * ``full``: the ``full`` method (every weight fine-tuned from the anchor) stands in
       for it, labelled ``fixed-rate``.
     * ``scratch``: one model per target trained from random weights with exactly the
       anchor's recipe (``anchor.train``), as the paper's references are; the profile may
       ship them (``weights``, a file-name pattern with ``{lmbda}`` in ``alice_lib/weights``).
-      A ``full`` method, if listed, is then its own curve, ``full-finetune``.
+      A ``full`` method, if listed, is then its own curve, ``full``.
     * ``published``: checkpoints passed as ``reference_checkpoints`` (the paper profile).
     """
 
-    source: str = "finetune"
+    source: str = "full"
     weights: str | None = None
 
     def __post_init__(self) -> None:
@@ -326,12 +328,12 @@ class Settings:
         return self.raw.get(key, default)
 
     def result_label(self, method: str) -> str:
-        """How a trained method is labelled in results: ``full`` is the fixed-rate curve only when
-        the references are fine-tunes (``references.source: finetune``)."""
+        """How a trained method is labelled in results: its name, except that ``full`` is the
+        fixed-rate curve when the references are its models (``references.source: full``)."""
         _choice("method", method, tuple(TRAINING_MODES))
-        if method == "full" and self.references.source != "finetune":
-            return "full-finetune"
-        return RESULT_LABEL[method]
+        if method == "full" and self.references.source == "full":
+            return "fixed-rate"
+        return method
 
     def references_to_train(self, run_dir: str | os.PathLike | None = None) -> tuple[float, ...]:
         """Targets whose reference 02_fixed_rate trains from scratch: ``references.source: scratch``,
@@ -507,7 +509,8 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
 
 def _migrate(raw: dict) -> dict:
     """Older profile keys in their current place: validation was in ``anchor.train``, the count was
-    ``data.max_train_images`` (profiles written before the typed settings keep working)."""
+    ``data.max_train_images``, the full fine-tune was ``finetune`` / ``full-finetune`` (profiles written
+    before the typed settings keep working)."""
     raw = dict(raw)
     data = dict(raw.get("data") or {})
     anchor = dict(raw.get("anchor") or {})
@@ -523,6 +526,11 @@ def _migrate(raw: dict) -> dict:
         data.setdefault("kodak_dir", data.pop("kodak"))
     anchor["train"] = train
     raw.update(data=data, anchor=anchor)
+    references, evaluation = dict(raw.get("references") or {}), dict(raw.get("eval") or {})
+    if "source" in references:
+        raw["references"] = {**references, "source": _OLD_NAMES.get(references["source"], references["source"])}
+    if "methods" in evaluation:
+        raw["eval"] = {**evaluation, "methods": [_OLD_NAMES.get(m, m) for m in evaluation["methods"]]}
     return raw
 
 

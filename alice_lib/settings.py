@@ -43,8 +43,7 @@ OUTPUT_ROOT_ENV = "ALICE_OUTPUT_ROOT"  # runs/ and reports/ go here instead of t
 TRAINING_MODES: dict[str, str] = {"alice": "lora", "vanilla": "vanilla", "full": "full"}
 # How each trained method's models count in the parameter table: a ``full`` model is a fixed-rate model.
 RESULT_LABEL: dict[str, str] = {"alice": "alice", "vanilla": "vanilla", "full": "fixed-rate"}
-# Methods an evaluation can list: the fixed-rate curve (ReferenceSettings), the trained methods by their
-# names, and MALICE (ALICE merged).
+# Methods an evaluation can list: the fixed-rate curve, the trained methods by name, MALICE (ALICE merged).
 EVALUATED_METHODS = ("fixed-rate", "alice", "malice", "vanilla", "full")
 # Where the fixed-rate curve comes from (see ReferenceSettings); ``full``: the ``full`` method's models.
 REFERENCE_SOURCES = ("full", "scratch", "published")
@@ -102,8 +101,8 @@ class TrainingSettings:
     also_train: tuple[str, ...] = ()  # ablations: modules an adaptation trains as well (train.prepare_method)
 
     def __post_init__(self) -> None:
-        also = self.also_train
-        object.__setattr__(self, "also_train", (also,) if isinstance(also, str) else tuple(also))
+        object.__setattr__(self, "also_train", tuple([self.also_train] if isinstance(self.also_train, str)
+                                                     else self.also_train))
         if (self.epochs is None) == (self.steps is None):
             raise SettingsError("give exactly one of epochs and steps")
         if self.validate_every is not None and self.epochs is not None:

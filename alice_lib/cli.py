@@ -2,7 +2,9 @@
 
 ``alice run --profile cpu`` runs the workbook's notebooks in order, showing progress in
 training steps and images coded; ``alice plan --profile paper [--json]`` prints what
-that run will do (every training run, the data, the evaluation) and how long it takes.
+that run will do (every training run, the data, the evaluation) and how long it takes;
+``alice train --profile cpu --train-dir DIR [--method M --lmbda L] [-p KEY=VALUE ...]``
+runs one training of the profile (:mod:`alice_lib.train.command`).
 ``alice compress IN... -o DIR [--lmbda L | --bpp B | --psnr P]`` codes images (one
 model load for all of them, a failing file reported without stopping the others),
 ``alice decompress IN.alice... -o DIR`` decodes them and ``alice info IN.alice`` prints
@@ -64,6 +66,68 @@ def _plan(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.describe())
     return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    """One training run of the profile, resumed where its folder's ``last.pt`` left off."""
+    from .settings import SettingsError
+    from .train.command import run as run_training
+
+    try:
+        run_training(args, _parameters(args.param, "train"))
+    except (SettingsError, ValueError, FileNotFoundError) as error:
+        print(f"alice train: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+class _TrainHelp(argparse.Action):
+    """``alice train --help``: the options and every setting ``-p`` overrides (listed only now: it imports torch)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .train.command import overrides_help
+
+        parser.epilog = overrides_help()
+        parser.print_help()
+        parser.exit()
+
+
+def _add_train(commands) -> None:
+    train = commands.add_parser(
+        "train", help="one training run of a profile: its fixed-rate recipe, or an adaptation method",
+        add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a model with the profile's fixed-rate recipe (anchor.train; from random weights unless\n"
+                    "--init), or adapt one with --method (adapt.<method>, from --init or the profile's anchor).\n"
+                    "Resumes from the folder's last.pt. Under torchrun (`torchrun --nproc_per_node=N -m\n"
+                    "alice_lib.cli train ...`) each process takes batch_size / N images of every batch.")
+    train.add_argument("-h", "--help", action=_TrainHelp, help="show this help and the settings -p overrides")
+    train.add_argument("--profile", default="cpu", help="smoke | cpu | paper | path to a profile YAML")
+    train.add_argument("--train-dir", required=True, help="the run's folder (last.pt, best.pt, metrics.csv)")
+    train.add_argument("--method", default=None, metavar="METHOD",
+                       help="adapt with this method's schedule, adapt.<method> (--help lists the methods); "
+                            "default: the fixed-rate recipe")
+    train.add_argument("--lmbda", type=float, default=None,
+                       help="the run's lambda (default without --method: anchor.lmbda)")
+    train.add_argument("--init", default=None, metavar="PATH|random",
+                       help="first weights: a model file or a training checkpoint; 'random' for random weights "
+                            "(default: random for the fixed-rate recipe, the profile's anchor for --method)")
+    train.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                       help="a setting, as for alice run (anchor.train.lr=5e-4, model.embed_dim=32, "
+                            "data.train_dir=DIR); --help lists them")
+    train.add_argument("--synthetic", type=int, default=None, metavar="N",
+                       help="N smooth synthetic images instead of the data folders (tests, smoke runs)")
+    train.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    train.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    train.add_argument("--backend", choices=("gloo", "nccl"), default=None,
+                       help="process-group backend under torchrun (default: nccl on GPUs)")
+    train.add_argument("--no-resume", action="store_true", help="start afresh even if the folder has last.pt")
+    train.add_argument("--no-progress", action="store_true")
+    train.add_argument("--hash-file", default=None,
+                       help="after training, each rank writes its state-dict SHA-256 here ('{rank}' replaced)")
+    train.set_defaults(handler=_train)
 
 
 def _parameters(pairs: list[str], command: str = "run") -> dict:
@@ -368,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--requested-counts", action="store_true",
                       help="compute steps from the profile's requested data counts without looking for the data")
     plan.set_defaults(handler=_plan)
+    _add_train(commands)
 
     comp = commands.add_parser("compress", help="code images into .alice files",
                                description="alice compress IN... -o DIR (or IN OUT.alice): one .alice file per image")

@@ -18,27 +18,27 @@ import math
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 from jupyter_client.manager import AsyncKernelManager
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from . import data as data_lib
 from .checkpoints import load_stf, save_stf
 from . import evaluation
 from .evaluation import published_points
-from .lora import (LoRAConfig, count_parameters, inject_lora, load_adapters, mark_trainable, merge_lora,
-                   save_adapters)
+from .lora import LoRAConfig, count_parameters, load_adapters, merge_lora, save_adapters
 from .models.stf import STFConfig, SymmetricalTransFormer
 from . import settings as settings_lib
 from .planning import ExperimentPlan, Progress, make_plan
 from .settings import (RESULT_LABEL, TRAINING_MODES, RunLayout, Settings, SettingsError,
                        TrainingSettings, lmbda_tag, load_settings, split_parameters)
-from .train import TrainConfig, amplify_hyper_latent, load_checkpoint, load_weights, train
+from .train import (TrainConfig, load_checkpoint, load_weights, prepare_method, start_model, train,
+                    training_data)
 from .utils import atomic_copy, atomic_write_bytes
 
 PACKAGE_DIR = settings_lib.PACKAGE_DIR
@@ -132,30 +132,10 @@ def training_sets(profile, run_dir: str | Path, schedule: TrainingSettings) -> t
     """
     settings = load_profile(profile)
     spec, sources = settings.data, data_sources(run_dir)
-    folder = sources["train"]["path"]
-    train_set = data_lib.ImageFolder(folder, schedule.crop, train=True, max_images=spec.train_images,
-                                     cache=spec.cache, flip=schedule.flip)
-    if spec.val_source != "held_out":
-        if "val" not in sources:
-            raise PipelineError(f"{RunLayout(run_dir).data_json} has no validation folder for val_source "
-                                f"{spec.val_source!r}: run notebooks/01_data.ipynb again")
-        val_set = data_lib.ImageFolder(sources["val"]["path"], spec.val_crop, train=False,
-                                       max_images=spec.val_images or None, cache=spec.cache)
-        return _mosaics(train_set, schedule), val_set
-    n_val = min(spec.val_images, len(train_set) // 4)
-    if n_val == 0:
-        return _mosaics(train_set, schedule), None
-    val_set = data_lib.ImageFolder(folder, spec.val_crop, train=False, max_images=spec.train_images, cache=spec.cache)
-    if len(val_set) != len(train_set):  # a different crop skipped other files: validate on the train crops
-        val_set = data_lib.ImageFolder(folder, schedule.crop, train=False, max_images=spec.train_images,
-                                       cache=spec.cache)
-    split = len(train_set) - n_val
-    return _mosaics(Subset(train_set, range(split)), schedule), Subset(val_set, range(split, len(val_set)))
-
-
-def _mosaics(train_set: Dataset, schedule: TrainingSettings) -> Dataset:
-    """The training crops, tiled into mosaics where the schedule asks (validation stays plain crops)."""
-    return data_lib.Mosaics(train_set, schedule.mosaic) if schedule.mosaic > 1 else train_set
+    if spec.val_source != "held_out" and "val" not in sources:
+        raise PipelineError(f"{RunLayout(run_dir).data_json} has no validation folder for val_source "
+                            f"{spec.val_source!r}: run notebooks/01_data.ipynb again")
+    return training_data(sources["train"]["path"], spec, schedule, sources.get("val", {}).get("path"))
 
 
 # ----------------------------------------------------------------------------- fixed-rate models
@@ -167,9 +147,7 @@ def train_from_scratch(profile, run_dir: str | Path, lmbda: float, out_path: Pat
     """Train a fixed-rate STF of the profile's size at ``lmbda`` from random weights."""
     settings = load_profile(profile)
     schedule = settings.anchor.train
-    torch.manual_seed(schedule.seed)
-    model = SymmetricalTransFormer(settings.model.stf)
-    amplify_hyper_latent(model, schedule.hyper_init_gain)
+    model = start_model(settings.model.stf, schedule)
     train_set, val_set = training_sets(settings, run_dir, schedule)
     folder = RunLayout(run_dir).anchor_training(lmbda)
     config = TrainConfig.from_schedule(schedule, lmbda, settings.model.metric, len(train_set))
@@ -238,13 +216,13 @@ def prepare_references(profile, run_dir: str | Path, checkpoints: dict | None = 
 
     By ``references.source``: ``published``, the checkpoints given; ``scratch``, the weights the
     profile ships, else a model trained here from random weights with the anchor's recipe (the
-    same budget, so the comparison is fair whether or not it converges); ``finetune``, nothing
+    same budget, so the comparison is fair whether or not it converges); ``full``, nothing
     here (03_adapt's ``full`` method stands in). Checkpoints given explicitly always win.
     """
     settings = load_profile(profile)
     if checkpoints or settings.references.source == "published":
         return published_references(settings, run_dir, checkpoints)
-    if settings.references.source == "finetune":
+    if settings.references.source == "full":
         return {}
     layout, done = RunLayout(run_dir), {}
     for lmbda in settings.targets:
@@ -290,17 +268,15 @@ def adapt(profile, run_dir: str | Path, lmbda: float, method: str, progress: boo
     schedule = settings.adaptation.training(method)
     mode, lora = TRAINING_MODES[method], settings.model.lora
     model = load_anchor(run_dir)
-    if method == "alice":
-        inject_lora(model, lora, generator=torch.Generator().manual_seed(schedule.seed))
-    mark_trainable(model, mode, lora)
+    prepare_method(model, method, lora, schedule)
     summary = {"method": method, "lmbda": lmbda, "artifact": str(out), **count_parameters(model, mode, lora)}
     if out.exists():
         return {**summary, "status": "already trained"}
     train_set, val_set = training_sets(settings, run_dir, schedule)
     model.to(device or "cpu")
     # Only what trains goes into the run's checkpoints (a few hundred kB for ALICE): unfinished runs can be kept.
-    config = replace(TrainConfig.from_schedule(schedule, lmbda, settings.model.metric, len(train_set)),
-                     checkpoint_frozen=False)
+    config = TrainConfig.from_schedule(schedule, lmbda, settings.model.metric, len(train_set),
+                                       checkpoint_frozen=False)
     hook = epoch_check(settings, run_dir, model, method, lmbda) if settings.adaptation.epoch_check.enabled else None
     folder = layout.rate_training(method, lmbda)
     started = time.time()
@@ -358,7 +334,8 @@ def load_rate_model(run_dir: str | Path, method: str, lmbda: float, profile=None
     """A model for one (method, lambda): ``alice`` unmerged, ``malice`` merged, others plain.
 
     ``fixed-rate`` is the reference 02_fixed_rate put in the run folder; without one it is the
-    ``full`` fine-tune only when the profile's references are fine-tunes (or no profile is given).
+    ``full`` fine-tune only when the profile's references are its models (``references.source: full``,
+    or no profile is given).
     """
     layout = RunLayout(run_dir)
     if method in ("alice", "malice"):
@@ -370,10 +347,8 @@ def load_rate_model(run_dir: str | Path, method: str, lmbda: float, profile=None
     if method == "fixed-rate":
         if layout.fixed_rate(lmbda).exists():
             return load_stf(layout.fixed_rate(lmbda))
-        if profile is not None and load_profile(profile).references.source != "finetune":
+        if profile is not None and load_profile(profile).references.source != "full":
             raise PipelineError(f"{layout.fixed_rate(lmbda)} not found: run notebooks/02_fixed_rate.ipynb first")
-        method = "full"
-    if method == "full-finetune":
         method = "full"
     path = layout.rate_artifact(method, lmbda)
     if not path.exists():

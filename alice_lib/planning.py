@@ -146,7 +146,7 @@ class ExperimentPlan:
     def _references_text(self) -> str:
         r = self.references or {}
         trained = r.get("trained_here") or []
-        text = {"finetune": "the full fine-tunes from the anchor (method full)",
+        text = {"full": "the full fine-tunes from the anchor (method full)",
                 "scratch": "trained from random weights with the anchor's recipe",
                 "published": "published checkpoints (reference_checkpoints)"}.get(r.get("source"), "none")
         if trained:
@@ -454,7 +454,7 @@ def _notes(settings: Settings, data: DataPlan, anchor_run: RunEntry | None, note
         notes.append(f"no anchor checkpoint: 02_fixed_rate would train the published STF from scratch "
                      f"({anchor_run.steps:,} steps); pass -p anchor_checkpoint=stf_0483.pth.tar")
     if "fixed-rate" in settings.evaluation.methods and settings.references.source != "scratch" \
-            and not (settings.references.source == "finetune" and "full" in settings.adaptation.methods) \
+            and not (settings.references.source == "full" and "full" in settings.adaptation.methods) \
             and not notebook.get("reference_checkpoints"):
         notes.append("fixed-rate references are evaluated but neither trained (method full) nor given: pass "
                      "-p \"reference_checkpoints={0.0018: stf_0018.pth.tar, ...}\"")

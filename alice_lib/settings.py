@@ -41,16 +41,18 @@ OUTPUT_ROOT_ENV = "ALICE_OUTPUT_ROOT"  # runs/ and reports/ go here instead of t
 
 # Method trained per target lambda -> the training mode of lora.mark_trainable / count_parameters.
 TRAINING_MODES: dict[str, str] = {"alice": "lora", "vanilla": "vanilla", "full": "full"}
-# How each trained method is labelled in results, tables and figures.
+# How each trained method's models count in the parameter table: a ``full`` model is a fixed-rate model.
 RESULT_LABEL: dict[str, str] = {"alice": "alice", "vanilla": "vanilla", "full": "fixed-rate"}
-# Methods an evaluation can list: the trained ones by label, and MALICE (ALICE merged).
-# ``full-finetune`` is the ``full`` method when the fixed-rate curve comes from elsewhere.
-EVALUATED_METHODS = ("fixed-rate", "alice", "malice", "vanilla", "full-finetune")
-# Where the fixed-rate curve comes from (see ReferenceSettings).
-REFERENCE_SOURCES = ("finetune", "scratch", "published")
+# Methods an evaluation can list: the fixed-rate curve, the trained methods by name, MALICE (ALICE merged).
+EVALUATED_METHODS = ("fixed-rate", "alice", "malice", "vanilla", "full")
+# Where the fixed-rate curve comes from (see ReferenceSettings); ``full``: the ``full`` method's models.
+REFERENCE_SOURCES = ("full", "scratch", "published")
+# Names used before one name per training mode (issue 26), read from older profiles.
+_OLD_NAMES = {"finetune": "full", "full-finetune": "full"}
 SCHEDULES = ("cosine", "plateau", "constant")
 SCHEDULE_UNITS = ("step", "epoch")
 PRECISIONS = ("fp32", "bf16", "auto")
+METRICS = ("mse", "ms-ssim")
 VAL_SOURCES = ("held_out", "openimages-test", "folder")
 TRAIN_SOURCES = ("auto", "openimages")
 PADDINGS = ("reference", "replicate")  # reference: zeros, centred, to 128; replicate: edges, right/bottom, to 64
@@ -92,12 +94,15 @@ class TrainingSettings:
     tf32: bool = False
     num_workers: int | None = None  # None: the training loop decides (0 on a CPU, workers on a GPU)
     validate_every: int | None = None  # with ``steps``: validate and log every N steps instead of every pass
-    hyper_init_gain: float = 1.0  # from random weights: h_a's last layer x this (train.amplify_hyper_latent)
-    hyper_lr_scale: float = 1.0  # the hyperprior path learns at lr x this (TrainConfig.hyper_lr_scale)
+    hyper_init_gain: float = 1.0  # from random weights: h_a's last layer x this (alice_lib/train/hyperprior.py)
+    hyper_lr_scale: float = 1.0  # the hyperprior path learns at lr x this (alice_lib/train/hyperprior.py)
     mosaic: int = 1  # >1: each training image is a mosaic x mosaic grid of crops (data.Mosaics)
     average_decay: float = 0.0  # >0: moving average of the weights, validated and shipped (train.WeightAverage)
+    also_train: tuple[str, ...] = ()  # ablations: modules an adaptation trains as well (train.prepare_method)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "also_train", tuple([self.also_train] if isinstance(self.also_train, str)
+                                                     else self.also_train))
         if (self.epochs is None) == (self.steps is None):
             raise SettingsError("give exactly one of epochs and steps")
         if self.validate_every is not None and self.epochs is not None:
@@ -153,7 +158,7 @@ class ModelSettings:
     metric: str = "mse"
 
     def __post_init__(self) -> None:
-        _choice("metric", self.metric, ("mse", "ms-ssim"))
+        _choice("metric", self.metric, METRICS)
 
 
 @dataclass(frozen=True)
@@ -205,16 +210,16 @@ class AnchorSettings:
 class ReferenceSettings:
     """Where the fixed-rate reference at each target lambda comes from.
 
-    * ``finetune``: the ``full`` method (every weight fine-tuned from the anchor) stands in
+    * ``full``: the ``full`` method (every weight fine-tuned from the anchor) stands in
       for it, labelled ``fixed-rate``.
     * ``scratch``: one model per target trained from random weights with exactly the
       anchor's recipe (``anchor.train``), as the paper's references are; the profile may
       ship them (``weights``, a file-name pattern with ``{lmbda}`` in ``alice_lib/weights``).
-      A ``full`` method, if listed, is then its own curve, ``full-finetune``.
+      A ``full`` method, if listed, is then its own curve, ``full``.
     * ``published``: checkpoints passed as ``reference_checkpoints`` (the paper profile).
     """
 
-    source: str = "finetune"
+    source: str = "full"
     weights: str | None = None
 
     def __post_init__(self) -> None:
@@ -322,12 +327,12 @@ class Settings:
         return self.raw.get(key, default)
 
     def result_label(self, method: str) -> str:
-        """How a trained method is labelled in results: ``full`` is the fixed-rate curve only when
-        the references are fine-tunes (``references.source: finetune``)."""
+        """How a trained method is labelled in results: its name, except that ``full`` is the
+        fixed-rate curve when the references are its models (``references.source: full``)."""
         _choice("method", method, tuple(TRAINING_MODES))
-        if method == "full" and self.references.source != "finetune":
-            return "full-finetune"
-        return RESULT_LABEL[method]
+        if method == "full" and self.references.source == "full":
+            return "fixed-rate"
+        return method
 
     def references_to_train(self, run_dir: str | os.PathLike | None = None) -> tuple[float, ...]:
         """Targets whose reference 02_fixed_rate trains from scratch: ``references.source: scratch``,
@@ -503,7 +508,8 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
 
 def _migrate(raw: dict) -> dict:
     """Older profile keys in their current place: validation was in ``anchor.train``, the count was
-    ``data.max_train_images`` (profiles written before the typed settings keep working)."""
+    ``data.max_train_images``, the full fine-tune was ``finetune`` / ``full-finetune`` (profiles written
+    before the typed settings keep working)."""
     raw = dict(raw)
     data = dict(raw.get("data") or {})
     anchor = dict(raw.get("anchor") or {})
@@ -519,6 +525,11 @@ def _migrate(raw: dict) -> dict:
         data.setdefault("kodak_dir", data.pop("kodak"))
     anchor["train"] = train
     raw.update(data=data, anchor=anchor)
+    references, evaluation = dict(raw.get("references") or {}), dict(raw.get("eval") or {})
+    if "source" in references:
+        raw["references"] = {**references, "source": _OLD_NAMES.get(references["source"], references["source"])}
+    if "methods" in evaluation:
+        raw["eval"] = {**evaluation, "methods": [_OLD_NAMES.get(m, m) for m in evaluation["methods"]]}
     return raw
 
 

@@ -4,9 +4,10 @@ Each candidate is the same STF class with another :class:`~alice_lib.models.stf.
 (the capacity moved from the entropy model into the transforms, ``entropy_channels``),
 trained from random weights with one recipe at the anchor's lambda, one process and
 one thread each, all at once, so that they share the machine alike. Every run is
-``python -m alice_lib.train`` in its own folder under ``--root`` and resumes where
-it stopped: calling this again continues each run until its training time (the
-``seconds`` column of its ``metrics.csv``) reaches ``--hours``.
+``alice train`` (the cpu profile's fixed-rate recipe with the overrides below) in
+its own folder under ``--root`` and resumes where it stopped: calling this again
+continues each run until its training time (the ``seconds`` column of its
+``metrics.csv``) reaches ``--hours``.
 
     python benchmarks/cpu_scale_pilot.py train --hours 3          # resumable; Ctrl-C stops every run
     python benchmarks/cpu_scale_pilot.py report --out docs/cpu-scale/pilot
@@ -30,24 +31,37 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "bsds432"
 
-#: Candidate sizes (``--model-set`` overrides of the cpu profile's model), each about 3.6M parameters.
-CANDIDATES: dict[str, list[str]] = {
+#: Candidate sizes (overrides of the cpu profile's model), each about 3.6M parameters.
+CANDIDATES: dict[str, dict[str, str]] = {
     # wide and shallow: one block per stage, no shifted window anywhere
-    "e32-d1111-w8": ["embed_dim=32", "depths=[1,1,1,1]", "num_heads=[2,4,8,16]", "window_size=8",
-                     "entropy_channels=48"],
+    "e32-d1111-w8": {"embed_dim": "32", "depths": "[1,1,1,1]", "num_heads": "[2,4,8,16]", "window_size": "8",
+                     "entropy_channels": "48"},
     # narrow and deep: a shifted-window block in every stage, as in Swin
-    "e24-d2222-w8": ["embed_dim=24", "depths=[2,2,2,2]", "num_heads=[2,4,6,12]", "window_size=8",
-                     "entropy_channels=48"],
+    "e24-d2222-w8": {"embed_dim": "24", "depths": "[2,2,2,2]", "num_heads": "[2,4,6,12]", "window_size": "8",
+                     "entropy_channels": "48"},
 }
 
-#: One recipe for every candidate: the anchor's lambda, 4 crops of 256 px, a constant
-#: learning rate (the pilot is the first part of a longer run; the decay comes at the
-#: end), a live hyperprior (recipe v2's start and its slower learning rate) and a
-#: moving average of the weights, which is what validation judges.
-RECIPE = ["--lmbda", "0.0483", "--batch-size", "4", "--crop", "256", "--val-images", "16", "--val-crop", "256",
-          "--lr", "5e-4", "--schedule", "constant", "--steps", "1000000", "--steps-per-epoch", "200",
-          "--checkpoint-every", "50", "--average-decay", "0.999", "--hyper-init-gain", "300",
-          "--hyper-lr-scale", "0.125", "--precision", "fp32", "--seed", "0"]
+#: One recipe for every candidate (overrides of the cpu profile's fixed-rate schedule, ``anchor.train``):
+#: the anchor's lambda, 4 crops of 256 px, a constant learning rate (the pilot is the first part of a
+#: longer run; the decay comes at the end), a live hyperprior (recipe v2's start and its slower learning
+#: rate) and a moving average of the weights, which is what validation judges (every 200 steps, on the
+#: last 16 images of the folder).
+RECIPE: dict[str, str] = {
+    "anchor.lmbda": "0.0483", "anchor.train.batch_size": "4", "anchor.train.crop": "256",
+    "data.val_images": "16", "data.val_crop": "256", "anchor.train.lr": "5e-4",
+    "anchor.train.schedule": "constant", "anchor.train.steps": "1000000", "anchor.train.validate_every": "200",
+    "anchor.train.checkpoint_every": "50", "anchor.train.average_decay": "0.999",
+    "anchor.train.hyper_init_gain": "300", "anchor.train.hyper_lr_scale": "0.125",
+    "anchor.train.precision": "fp32", "anchor.train.seed": "0"}
+
+
+def train_command(name: str, run_dir: Path, data: Path, threads: int) -> list[str]:
+    """``alice train`` for one candidate (``python -m alice_lib.cli``: this interpreter's package)."""
+    overrides = {"data.train_dir": str(data), **RECIPE,
+                 **{f"model.{key}": value for key, value in CANDIDATES[name].items()}}
+    return [sys.executable, "-m", "alice_lib.cli", "train", "--profile", "cpu", "--train-dir", str(run_dir),
+            "--threads", str(threads), "--no-progress",
+            *[arg for key, value in overrides.items() for arg in ("-p", f"{key}={value}")]]
 
 
 def trained_hours(run_dir: Path) -> float:
@@ -64,12 +78,8 @@ def train(args: argparse.Namespace) -> None:
             print(f"{name}: {trained_hours(run_dir):.2f} h trained, done")
             continue
         run_dir.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "alice_lib.train", "--data", str(args.data), "--run-dir", str(run_dir),
-                   "--profile", "cpu", "--threads", str(args.threads), "--no-progress", *RECIPE]
-        for item in CANDIDATES[name]:
-            command += ["--model-set", item]
         log = open(run_dir / "train.log", "a")
-        processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        processes[name] = subprocess.Popen(train_command(name, run_dir, args.data, args.threads), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         print(f"{name}: started (pid {processes[name].pid}), log in {run_dir / 'train.log'}", flush=True)
     try:
         while processes:

@@ -70,7 +70,7 @@ def measure(mode: str, steps: int, warmup: int, batch_size: int, crop: int, thre
 
     from alice_lib import lora
     from alice_lib.models.stf import STFConfig, SymmetricalTransFormer
-    from alice_lib.train import RateDistortionLoss, SyntheticImages, _float_output, _split_parameters
+    from alice_lib.train import RateDistortionLoss, SyntheticImages, float_output, split_parameters
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -81,7 +81,7 @@ def measure(mode: str, steps: int, warmup: int, batch_size: int, crop: int, thre
         lora.inject_lora(model, lora.LoRAConfig(), generator=torch.Generator().manual_seed(0))
     lora.mark_trainable(model, mode)
     model.to(dev).train()
-    main, aux = _split_parameters(model)
+    main, aux = split_parameters(model)
     optimizer = torch.optim.Adam(main, lr=1e-4)
     aux_optimizer = torch.optim.Adam(aux, lr=1e-3) if aux else None
     criterion = RateDistortionLoss(0.0067)
@@ -91,7 +91,7 @@ def measure(mode: str, steps: int, warmup: int, batch_size: int, crop: int, thre
     def step() -> None:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             output = model(batch)
-        out = criterion(_float_output(output), batch)
+        out = criterion(float_output(output), batch)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         nn.utils.clip_grad_norm_(main, 1.0)

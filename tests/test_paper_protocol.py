@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from alice_lib import evaluation
@@ -24,7 +25,7 @@ from alice_lib import pipeline as wb
 from alice_lib.checkpoints import save_stf
 from alice_lib.cli import main
 from alice_lib.models.stf import STFConfig, SymmetricalTransFormer
-from alice_lib.settings import RunLayout, load_settings
+from alice_lib.settings import PROFILE_DIR, RunLayout, load_settings
 from alice_lib.train import load_checkpoint
 
 REFERENCE_TARGETS = [0.0018, 0.0035, 0.0067, 0.013, 0.025]
@@ -144,12 +145,29 @@ def test_settings_reject_what_cannot_describe_an_experiment():
 
 def test_reference_sources_and_labels():
     paper, cpu = load_settings("paper"), load_settings("cpu")
-    assert paper.references.source == "published" and paper.result_label("full") == "full-finetune"
-    assert cpu.references.source == "scratch" and cpu.result_label("full") == "full-finetune"
+    assert paper.references.source == "published" and paper.result_label("full") == "full"
+    assert cpu.references.source == "scratch" and cpu.result_label("full") == "full"
     assert cpu.references_to_train() == ()  # all five are shipped
     scratch = load_settings("cpu", {"references.weights": "x_{lmbda}.safetensors"})
     assert scratch.references.shipped_weights(0.0067).name == "x_0.0067.safetensors"
     assert scratch.references_to_train() == scratch.targets  # nothing of that name is shipped
-    finetune = load_settings("cpu", {"references.source": "finetune"})
+    finetune = load_settings("cpu", {"references.source": "full"})
     assert finetune.result_label("full") == "fixed-rate"
     assert finetune.references_to_train() == ()  # fine-tunes: nothing trained from scratch
+
+
+def test_the_full_fine_tune_has_one_name_and_older_profiles_keep_loading(tmp_path):
+    """``full`` is the method, its label as a curve of its own and the reference source that uses its models;
+    profiles written with the older names (``finetune``, ``full-finetune``) load with the new ones."""
+    from alice_lib.settings import EVALUATED_METHODS, REFERENCE_SOURCES, TRAINING_MODES
+
+    assert "full" in TRAINING_MODES and "full" in REFERENCE_SOURCES and "full" in EVALUATED_METHODS
+    assert not {"finetune", "full-finetune"} & {*REFERENCE_SOURCES, *EVALUATED_METHODS}
+    raw = yaml.safe_load((PROFILE_DIR / "smoke.yaml").read_text())
+    raw["references"] = {"source": "finetune"}
+    raw["eval"]["methods"] = ["fixed-rate", "alice", "full-finetune"]
+    old = load_settings(raw)
+    assert old.references.source == "full" and old.evaluation.methods == ("fixed-rate", "alice", "full")
+    assert old.result_label("full") == "fixed-rate" and old.result_label("alice") == "alice"
+    with pytest.raises(ValueError, match="references.source: 'finetune' is not one of full, scratch, published"):
+        load_settings("smoke", {"references.source": "finetune"})  # a new command takes the new name

@@ -118,7 +118,7 @@ def test_a_mosaic_schedule_tiles_the_training_crops(tmp_path, monkeypatch):
 def test_references_are_trained_from_scratch_with_the_anchors_recipe(smoke_run):
     run_dir, reports, _ = smoke_run
     spec = wb.load_profile("smoke")
-    assert spec.references.source == "scratch" and spec.result_label("full") == "full-finetune"
+    assert spec.references.source == "scratch" and spec.result_label("full") == "full"
     for lmbda in spec.targets:
         folder = wb.RunLayout(run_dir).anchor_training(lmbda)
         ckpt = torch.load(folder / "last.pt", map_location="cpu", weights_only=True)
@@ -127,7 +127,7 @@ def test_references_are_trained_from_scratch_with_the_anchors_recipe(smoke_run):
         assert wb.RunLayout(run_dir).fixed_rate(lmbda).exists()
     rows = pd.read_csv(reports / "summary.csv")
     fixed = rows[rows["method"] == "fixed-rate"].set_index("lmbda")["bpp"]
-    finetuned = rows[rows["method"] == "full-finetune"].set_index("lmbda")["bpp"]
+    finetuned = rows[rows["method"] == "full"].set_index("lmbda")["bpp"]
     assert sorted(fixed.index) == sorted(finetuned.index) == sorted(spec.targets)
     assert (fixed != finetuned).all()  # two different models per lambda, not one curve twice
 

@@ -38,9 +38,9 @@ def test_plan_skips_references_the_run_folder_has(tmp_path):
     RunLayout(run).fixed_rate(0.0067).write_bytes(b"")
     plan = make_plan("smoke", {}, run_dir=run, measure=False, requested_only=True)
     assert plan.references["trained_here"] == [0.025]
-    finetune = make_plan("smoke", {"references.source": "finetune"}, run_dir=run, measure=False,
+    finetune = make_plan("smoke", {"references.source": "full"}, run_dir=run, measure=False,
                          requested_only=True)
-    assert finetune.references == {"source": "finetune", "trained_here": [], "steps": 0}
+    assert finetune.references == {"source": "full", "trained_here": [], "steps": 0}
     assert finetune.work[1].units == 6
 
 

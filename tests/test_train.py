@@ -1,6 +1,8 @@
 """Tests of the training loop (issue 3, items 6 and 8): the rate-distortion loss, the parameter
 split, seeded and resumable runs (bit-exact), non-finite losses, atomic checkpoints, the CSV,
-DistributedDataParallel with gloo, and a real ALICE adaptation check on a tiny model."""
+DistributedDataParallel with gloo, a real ALICE adaptation check on a tiny model; and (issue 26)
+``alice train``, the configuration built from the settings, and runs of the code before the split
+of ``train.py`` resuming."""
 
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ import torch
 from pytorch_msssim import ms_ssim
 from torch.utils.data import Dataset, Subset
 
+from alice_lib import cli
 from alice_lib import train as train_mod
+from alice_lib.evaluation.metrics import msssim_window
 from alice_lib.models.stf import STFConfig, SymmetricalTransFormer
 from alice_lib.train import (
     CHECKPOINT_FORMAT,
@@ -27,18 +31,16 @@ from alice_lib.train import (
     RateDistortionLoss,
     SyntheticImages,
     TrainConfig,
-    _append_csv,
-    _read_csv,
-    _split_parameters,
-    _truncate_csv,
     load_checkpoint,
     load_weights,
-    msssim_window,
-    state_dict_hash,
+    split_parameters,
     train,
     validate,
 )
-from alice_lib.utils import atomic_save
+from alice_lib.train import config as config_mod
+from alice_lib.train import optim
+from alice_lib.train.state import append_csv, read_csv, truncate_csv
+from alice_lib.utils import atomic_save, state_dict_hash
 
 REPO = Path(__file__).resolve().parents[1]
 BSDS = REPO.parent / "shared" / "data" / "bsds432"
@@ -64,6 +66,19 @@ def assert_same_weights(a: dict, b: dict) -> None:
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
+TINY_SETTINGS = {"model.embed_dim": 8, "model.depths": "[1,1,1,1]", "model.num_heads": "[1,2,2,4]",
+                 "model.num_slices": 4}
+
+
+def alice_train(train_dir: Path, *options: str, settings: dict | None = None) -> int:
+    """``alice train`` on the smoke profile with the tiny model, one thread, on the CPU; ``settings`` as ``-p``."""
+    argv = ["train", "--profile", "smoke", "--train-dir", str(train_dir), "--threads", "1", "--device", "cpu",
+            "--no-progress", *options]
+    for key, value in {**TINY_SETTINGS, **(settings or {})}.items():
+        argv += ["-p", f"{key}={value}"]
+    return cli.main(argv)
+
+
 @pytest.fixture(scope="module")
 def images() -> SyntheticImages:
     return SyntheticImages(4, 64, seed=1)
@@ -75,8 +90,7 @@ def test_config_validation():
     for bad in ({"optimizer": "rmsprop"}, {"schedule": "step"}, {"metric": "psnr"}, {"steps": 0},
                 {"batch_size": 0}, {"lr": 0.0}, {"clip_max_norm": -1.0}, {"steps_per_epoch": 0},
                 {"plateau_factor": 1.5}, {"schedule_unit": "batch"}, {"precision": "fp16"},
-                {"checkpoint_every": 0}, {"num_workers": -1}, {"hyper_quantization": "round"},
-                {"hyper_rate_warmup": -1}, {"hyper_lr_scale": 0.0}):
+                {"checkpoint_every": 0}, {"num_workers": -1}, {"hyper_lr_scale": 0.0}):
         with pytest.raises(ValueError):
             TrainConfig(**{"lmbda": 0.01, "steps": 1, **bad})
     config = TrainConfig(lmbda=0.01, steps=10, batch_size=16)
@@ -130,7 +144,7 @@ def test_msssim_loss_variant():
 # ---------------------------------------------------------------------------- parameter split
 def test_parameter_split_quantiles_go_to_aux_optimizer():
     model = tiny_model()
-    main, aux = _split_parameters(model)
+    main, aux = split_parameters(model)
     names = {id(p): n for n, p in model.named_parameters()}
     assert [names[id(p)] for p in aux] == ["entropy_bottleneck.quantiles"]
     assert all(not names[id(p)].endswith("quantiles") for p in main)
@@ -138,11 +152,11 @@ def test_parameter_split_quantiles_go_to_aux_optimizer():
     # Frozen parameters are left out; nothing trainable is a clear error.
     model.entropy_bottleneck.quantiles.requires_grad_(False)
     model.patch_embed.requires_grad_(False)
-    main, aux = _split_parameters(model)
+    main, aux = split_parameters(model)
     assert aux == [] and all(p.requires_grad for p in main)
     model.requires_grad_(False)
     with pytest.raises(ValueError, match="nothing to train"):
-        _split_parameters(model)
+        split_parameters(model)
 
 
 # ---------------------------------------------------------------------------- runs
@@ -199,16 +213,16 @@ def test_resume_after_interruption_is_bit_exact(tmp_path, images, variant):
     assert row_resumed["train_loss"] == row["train_loss"] and row_resumed["lr"] == row["lr"]
     if val is not None:  # the plateau schedule followed the validation loss
         plateau = load_checkpoint(tmp_path / "resumed" / "last.pt")["scheduler"]
-        val_losses = [float(r["val_loss"]) for r in _read_csv(tmp_path / "resumed" / "metrics.csv")[1]]
+        val_losses = [float(r["val_loss"]) for r in read_csv(tmp_path / "resumed" / "metrics.csv")[1]]
         assert plateau["best"] == pytest.approx(min(val_losses), rel=1e-12)
         best = load_checkpoint(tmp_path / "resumed" / "best.pt")
         assert best["best_loss"] == pytest.approx(min(val_losses), rel=1e-12)
     for folder in ("straight", "resumed"):
-        header, rows = _read_csv(tmp_path / folder / "metrics.csv")
+        header, rows = read_csv(tmp_path / folder / "metrics.csv")
         assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1))
         assert int(rows[-1]["step"]) == 6
         assert (tmp_path / folder / "best.pt").exists()
-    rows_resumed, rows_straight = (_read_csv(tmp_path / name / "metrics.csv")[1] for name in ("resumed", "straight"))
+    rows_resumed, rows_straight = (read_csv(tmp_path / name / "metrics.csv")[1] for name in ("resumed", "straight"))
     assert len(rows_resumed) == len(rows_straight)
     # A finished run resumed again trains nothing and reports its last row.
     again = tiny_model(7)
@@ -287,14 +301,14 @@ def test_atomic_save_and_format_check(tmp_path):
 
 def test_csv_union_header_and_truncation(tmp_path):
     path = tmp_path / "m.csv"
-    _append_csv(path, {"epoch": 1, "step": 2, "loss": 3.0})
-    _append_csv(path, {"epoch": 2, "step": 4, "loss": 2.0, "val_loss": 1.0})
-    _append_csv(path, {"epoch": 3, "step": 6, "loss": 1.0})
-    header, rows = _read_csv(path)
+    append_csv(path, {"epoch": 1, "step": 2, "loss": 3.0})
+    append_csv(path, {"epoch": 2, "step": 4, "loss": 2.0, "val_loss": 1.0})
+    append_csv(path, {"epoch": 3, "step": 6, "loss": 1.0})
+    header, rows = read_csv(path)
     assert header == ["epoch", "step", "loss", "val_loss"]
     assert [r["val_loss"] for r in rows] == ["", "1.0", ""]
-    _truncate_csv(path, 2)
-    assert [r["epoch"] for r in _read_csv(path)[1]] == ["1", "2"]
+    truncate_csv(path, 2)
+    assert [r["epoch"] for r in read_csv(path)[1]] == ["1", "2"]
 
 
 def test_progress_bar_metrics_and_extra_state(tmp_path, images, capsys):
@@ -360,7 +374,7 @@ def test_ddp_gloo_two_processes_end_with_identical_weights(tmp_path):
     saved.load_state_dict(ckpt["model"])
     assert state_dict_hash(saved) == first[0]
     # 8 images, a global batch of 4 (2 per rank): 2 steps per epoch; rank 0 alone wrote one row per epoch.
-    assert [r["epoch"] for r in _read_csv(run_dir / "metrics.csv")[1]] == ["1", "2"]
+    assert [r["epoch"] for r in read_csv(run_dir / "metrics.csv")[1]] == ["1", "2"]
     # Interrupted after one epoch and resumed by both ranks (each restores its own random state):
     # the same weights as the uninterrupted run.
     _launch(str(tmp_path / "resumed"), str(tmp_path), 3, 1, "_resumed")
@@ -388,12 +402,13 @@ def test_ddp_resume_within_an_epoch(tmp_path):
 @pytest.mark.skipif(not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun not installed")
 def test_torchrun_cli_two_processes(tmp_path):
     run_dir = tmp_path / "run"
+    settings = {**TINY_SETTINGS, "anchor.train.crop": 64, "anchor.train.batch_size": 4, "anchor.train.steps": 2,
+                "anchor.train.lr": 1e-3}
     command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
-               "-m", "alice_lib.train", "--synthetic", "8", "--crop", "64", "--batch-size", "4", "--steps", "2",
-               "--lr", "1e-3", "--lmbda", "0.0483", "--run-dir", str(run_dir), "--backend", "gloo", "--device", "cpu",
-               "--threads", "1", "--no-progress", "--hash-file", str(tmp_path / "hash_{rank}.txt"),
-               *[f"--model-set={k}={v}" for k, v in
-                 (("embed_dim", 8), ("depths", "[1,1,1,1]"), ("num_heads", "[1,2,2,4]"), ("num_slices", 4))]]
+               "-m", "alice_lib.cli", "train", "--profile", "smoke", "--synthetic", "8", "--lmbda", "0.0483",
+               "--train-dir", str(run_dir), "--backend", "gloo", "--device", "cpu", "--threads", "1", "--no-progress",
+               "--hash-file", str(tmp_path / "hash_{rank}.txt"),
+               *[arg for key, value in settings.items() for arg in ("-p", f"{key}={value}")]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=170)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
@@ -403,10 +418,18 @@ def test_torchrun_cli_two_processes(tmp_path):
     assert ckpt["mode"] == "full" and ckpt["world_size"] == 2 and ckpt["step"] == 2
 
 
-def test_cli_help():
+def test_cli_help(capsys):
+    """``alice train --help`` lists the methods and every setting -p overrides, from the settings' fields."""
     with pytest.raises(SystemExit) as exit_info:
-        train_mod.main(["--help"])
+        cli.main(["train", "--help"])
     assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "methods (--method): alice, vanilla, full" in text
+    for key in ("anchor.train.KEY", "adapt.METHOD.KEY", "data.KEY", "model.KEY", "hyper_lr_scale=1.0",
+                "hyper_init_gain=1.0", "average_decay=0.0", "validate_every=null", "also_train=[]", "val_images=0",
+                "entropy_channels=null", "metric=mse|ms-ssim"):
+        assert key in text, key
+    assert "hyper_quantization" not in text and "hyper_rate_warmup" not in text
 
 
 # ---------------------------------------------------------------------------- adapters
@@ -607,7 +630,7 @@ def test_resume_within_an_epoch_is_bit_exact(tmp_path, images):
         train(tiny_model(0), KillAt(images, 9), tmp_path / "resumed", config, progress=False)
     ckpt = load_checkpoint(tmp_path / "resumed" / "last.pt")
     assert (ckpt["step"], ckpt["epoch"], ckpt["in_epoch"]["batches"]) == (4, 1, 1)
-    assert len(_read_csv(tmp_path / "resumed" / "metrics.csv")[1]) == 1
+    assert len(read_csv(tmp_path / "resumed" / "metrics.csv")[1]) == 1
     # Resumed by a new process with other initial weights and 2 DataLoader workers: crops are seeded per
     # image, not per worker, so the result is the uninterrupted run's, bit for bit.
     resumed = tiny_model(123)
@@ -616,8 +639,8 @@ def test_resume_within_an_epoch_is_bit_exact(tmp_path, images):
         row_resumed = train(resumed, images, tmp_path / "resumed", replace(config, num_workers=2), progress=False)
     assert_same_weights(weights(straight), weights(resumed))
     assert row_resumed["train_loss"] == row["train_loss"] and row_resumed["step"] == 6
-    assert _read_csv(tmp_path / "resumed" / "metrics.csv")[1][0]["train_loss"] == \
-        _read_csv(tmp_path / "straight" / "metrics.csv")[1][0]["train_loss"]
+    assert read_csv(tmp_path / "resumed" / "metrics.csv")[1][0]["train_loss"] == \
+        read_csv(tmp_path / "straight" / "metrics.csv")[1][0]["train_loss"]
     assert "in_epoch" not in load_checkpoint(tmp_path / "resumed" / "last.pt")  # epoch-end files: first layout
 
 
@@ -652,7 +675,7 @@ def test_epoch_schedule_unit_steps_the_cosine_once_per_epoch(tmp_path, images):
                                                [0]["lr"]))
     cosine = [1e-3 * (1 + math.cos(math.pi * k / 3)) / 2 for k in range(4)]
     assert seen == pytest.approx(cosine[1:], abs=1e-12)  # the lr after k epochs is cosine(k / T)
-    rows = _read_csv(tmp_path / "metrics.csv")[1]
+    rows = read_csv(tmp_path / "metrics.csv")[1]
     assert [float(r["lr"]) for r in rows] == pytest.approx(cosine[:3], abs=1e-12)  # the lr each epoch ran at
     assert load_checkpoint(tmp_path / "last.pt")["scheduler"]["T_max"] == 3
     per_step = TrainConfig(lmbda=0.0483, steps=steps, batch_size=2, lr=1e-3, steps_per_epoch=2)
@@ -671,103 +694,75 @@ def test_bf16_autocast_runs_a_step_on_cpu(tmp_path, images):
 
 
 def test_cli_new_flags(tmp_path):
-    args = ["--synthetic", "4", "--crop", "64", "--batch-size", "2", "--steps", "3", "--lr", "1e-3",
-            "--lmbda", "0.0483", "--run-dir", str(tmp_path), "--no-progress", "--threads", "1", "--device", "cpu",
-            "--schedule-unit", "epoch", "--steps-per-epoch", "2", "--checkpoint-every", "1", "--precision", "fp32",
-            "--no-flip", "--hyper-quantization", "noise", *[f"--model-set={k}={v}" for k, v in
-                           (("embed_dim", 8), ("depths", "[1,1,1,1]"), ("num_heads", "[1,2,2,4]"),
-                            ("num_slices", 4))]]
-    row = train_mod.main(args)
-    assert row["step"] == 3 and row["epoch"] == 2
-    saved = load_checkpoint(tmp_path / "last.pt")["train_config"]
+    """The schedule's settings reach the saved configuration (an epoch schedule: 2 epochs of 4 // 2 steps)."""
+    schedule = {"crop": 64, "batch_size": 2, "epochs": 2, "steps": "null", "lr": 1e-3, "schedule_unit": "epoch",
+                "checkpoint_every": 1, "precision": "fp32", "flip": "false"}
+    assert alice_train(tmp_path, "--synthetic", "4", "--lmbda", "0.0483",
+                       settings={f"anchor.train.{k}": v for k, v in schedule.items()}) == 0
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert (ckpt["step"], ckpt["epoch"], ckpt["lmbda"]) == (4, 2, 0.0483)
+    saved = ckpt["train_config"]
     assert (saved["schedule_unit"], saved["checkpoint_every"], saved["steps_per_epoch"]) == ("epoch", 1, 2)
-    assert saved["hyper_quantization"] == "noise"
+    assert "hyper_quantization" not in saved and "hyper_rate_warmup" not in saved  # the removed trial switches
 
 
-def test_cli_also_train_unfreezes_the_entropy_model_for_ablations(tmp_path):
-    tiny = [f"--model-set={k}={v}" for k, v in (("embed_dim", 8), ("depths", "[1,1,1,1]"),
-                                                 ("num_heads", "[1,2,2,4]"), ("num_slices", 4))]
-    common = ["--synthetic", "2", "--crop", "64", "--batch-size", "1", "--steps", "2", "--lr", "1e-2",
-              "--lmbda", "0.0018", "--no-progress", "--threads", "1", "--device", "cpu", *tiny]
-    train_mod.main([*common, "--run-dir", str(tmp_path / "base")])
+def test_cli_also_train_unfreezes_the_entropy_model_for_ablations(tmp_path, capsys):
+    common = ["--synthetic", "2", "--lmbda", "0.0018"]
+    schedule = {"crop": 64, "batch_size": 1, "steps": 2, "lr": 1e-2}
+    assert alice_train(tmp_path / "base", *common, settings={f"anchor.train.{k}": v for k, v in schedule.items()}) == 0
     base = load_checkpoint(tmp_path / "base" / "last.pt")["model"]
-    train_mod.main([*common, "--run-dir", str(tmp_path / "ablation"), "--mode", "lora",
-                    "--init", str(tmp_path / "base" / "last.pt"), "--also-train", "entropy"])
+    adapt = {f"adapt.alice.{k}": v for k, v in {**schedule, "also_train": "[entropy]"}.items()}
+    assert alice_train(tmp_path / "ablation", *common, "--method", "alice", "--init",
+                       str(tmp_path / "base" / "last.pt"), settings=adapt) == 0
     ckpt = load_checkpoint(tmp_path / "ablation" / "last.pt")
-    assert ckpt["also_train"] == list(SymmetricalTransFormer.ENTROPY_MODEL)
+    assert ckpt["also_train"] == list(SymmetricalTransFormer.ENTROPY_MODEL) and ckpt["mode"] == "alice"
     after = ckpt["model"]
     # An adapted layer keeps its frozen weights under `.linear.`; the adapters themselves are new.
     moved = {k for k, v in after.items()
              if k.replace(".linear.", ".") in base and not torch.equal(base[k.replace(".linear.", ".")], v)}
     assert any(k.startswith("h_scale_s.") for k in moved)  # the entropy model trained
     assert not any(k.startswith(("layers.", "syn_layers.")) for k in moved)  # the transforms only through adapters
-    with pytest.raises(ValueError, match="--mode vanilla or lora"):
-        train_mod.main([*common, "--run-dir", str(tmp_path / "full"), "--also-train", "entropy"])
-
-
-def test_hyper_rate_warmup_leaves_the_hyper_latent_unpriced_at_first(tmp_path, images):
-    """Weight 0 at step 0: the bottleneck's density gets no gradient (only the hyper-latent's rate
-    reaches it), so one Adam step leaves it as it was; without the warm-up it moves."""
-    def density(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in weights(model).items()
-                if k.startswith("entropy_bottleneck.") and "quantiles" not in k and v.is_floating_point()}
-
-    def density_after_one_step(warmup: int) -> dict[str, torch.Tensor]:
-        model = tiny_model(0)
-        config = TrainConfig(lmbda=0.0483, steps=1, batch_size=2, lr=1e-3, hyper_rate_warmup=warmup)
-        train(model, images, tmp_path / f"w{warmup}", config, progress=False)
-        return density(model)
-
-    before = density(tiny_model(0))
-    assert before
-    assert all(torch.equal(before[k], v) for k, v in density_after_one_step(5).items())
-    assert not all(torch.equal(before[k], v) for k, v in density_after_one_step(0).items())
+    full = {f"adapt.full.{k}": v for k, v in {**schedule, "also_train": "[entropy]"}.items()}
+    assert alice_train(tmp_path / "full", *common, "--method", "full", "--init", "random", settings=full) == 1
+    assert "full trains every weight already" in capsys.readouterr().err
 
 
 def test_cli_hyper_init_gain_scales_only_a_fresh_hyper_analysis(tmp_path):
-    tiny = [f"--model-set={k}={v}" for k, v in (("embed_dim", 8), ("depths", "[1,1,1,1]"),
-                                                  ("num_heads", "[1,2,2,4]"), ("num_slices", 4))]
-    base = ["--synthetic", "2", "--lmbda", "0.0483", "--steps", "1", "--run-dir", str(tmp_path), *tiny]
-    parser = train_mod._build_parser()
-    plain, _ = train_mod._cli_model(parser.parse_args(base), torch.device("cpu"))
-    scaled, _ = train_mod._cli_model(parser.parse_args([*base, "--hyper-init-gain", "300"]), torch.device("cpu"))
+    from alice_lib.settings import TrainingSettings
+    from alice_lib.train import start_model
+
+    def schedule(gain: float) -> TrainingSettings:
+        return TrainingSettings(lr=1e-3, batch_size=2, crop=64, steps=1, hyper_init_gain=gain)
+
+    plain, scaled = start_model(TINY, schedule(1.0)), start_model(TINY, schedule(300))
     assert torch.equal(scaled.h_a[-1].weight, 300 * plain.h_a[-1].weight)
     assert torch.equal(scaled.h_a[0].weight, plain.h_a[0].weight)
     torch.save({"model": plain.state_dict()}, tmp_path / "init.pt")
-    loaded, _ = train_mod._cli_model(parser.parse_args([*base, "--hyper-init-gain", "300", "--init",
-                                                        str(tmp_path / "init.pt")]), torch.device("cpu"))
+    loaded = start_model(TINY, schedule(300), init=tmp_path / "init.pt")
     assert torch.equal(loaded.h_a[-1].weight, plain.h_a[-1].weight)  # given weights are never rescaled
 
 
 def test_hyper_lr_scale_gives_the_hyperprior_path_its_own_rate():
     model = tiny_model(0)
-    main, aux = train_mod._split_parameters(model)
+    main, aux = split_parameters(model)
     config = TrainConfig(lmbda=0.0483, steps=4, lr=1e-3, hyper_lr_scale=0.125)
-    optimizer, _ = train_mod._optimizers(config, model, main, aux)
+    optimizer, _ = optim.optimizers(config, model, main, aux)
     rest, hyper = optimizer.param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)].split(".")[0] for p in hyper["params"]} == {"h_a", "h_mean_s", "h_scale_s",
                                                                      "entropy_bottleneck"}
     assert not any(names[id(p)].split(".")[0] in SymmetricalTransFormer.HYPERPRIOR for p in rest["params"])
     assert (rest["lr"], hyper["lr"]) == (1e-3, 1e-3 * 0.125)
-    scheduler = train_mod._scheduler(config, optimizer, steps_per_epoch=4)
+    scheduler = optim.scheduler(config, optimizer, steps_per_epoch=4)
     optimizer.step(), scheduler.step()
     assert hyper["lr"] == pytest.approx(rest["lr"] * 0.125)  # the schedule scales both groups alike
-    one, _ = train_mod._optimizers(replace(config, hyper_lr_scale=1.0), model, main, aux)
+    one, _ = optim.optimizers(replace(config, hyper_lr_scale=1.0), model, main, aux)
     assert len(one.param_groups) == 1
     for name, p in model.named_parameters():  # an adapter-only run has no hyperprior path to scale
         p.requires_grad_(name.split(".")[0] not in SymmetricalTransFormer.HYPERPRIOR)
-    main, aux = train_mod._split_parameters(model)
+    main, aux = split_parameters(model)
     with pytest.raises(ValueError, match="no trainable parameter is in the hyperprior path"):
-        train_mod._optimizers(config, model, main, aux)
-
-
-def test_train_sets_the_hyper_quantization_for_the_run_only(tmp_path, images):
-    model, seen = tiny_model(0), []
-    config = TrainConfig(lmbda=0.0483, steps=1, batch_size=2, lr=1e-3, hyper_quantization="noise")
-    train(model, images, tmp_path, config, progress=False,
-          on_epoch_end=lambda row: seen.append(model.hyper_quantization))
-    assert seen == ["noise"] and model.hyper_quantization == "ste"
+        optim.optimizers(config, model, main, aux)
 
 
 def test_a_profile_schedule_carries_the_hyperprior_recipe():
@@ -811,15 +806,19 @@ def test_mosaics_tile_the_item_and_random_crops_reproducibly():
 
 
 def test_cli_mosaic_tiles_the_training_crops_and_keeps_validation_plain(tmp_path):
+    from argparse import Namespace
+
     from PIL import Image
 
-    for i in range(6):
-        Image.new("RGB", (40, 40), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
-    args = train_mod._build_parser().parse_args(["--data", str(tmp_path), "--run-dir", str(tmp_path / "run"),
-                                                 "--crop", "16", "--val-crop", "16", "--val-images", "2",
-                                                 "--mosaic", "2", "--lmbda", "0.0018", "--steps", "1"])
-    train_set, val_set = train_mod._cli_datasets(args)
-    assert len(train_set) == 4 and train_set[0].shape == (3, 32, 32)
+    from alice_lib.settings import load_settings
+    from alice_lib.train import command
+
+    for i in range(8):
+        Image.new("RGB", (40, 40), (i * 30, 0, 0)).save(tmp_path / f"{i}.png")
+    settings = load_settings("smoke", {"data.train_dir": str(tmp_path), "data.val_crop": 16, "data.val_images": 2,
+                                       "anchor.train.crop": 16, "anchor.train.mosaic": 2})
+    train_set, val_set = command._datasets(Namespace(synthetic=None), settings, settings.anchor.train)
+    assert len(train_set) == 6 and train_set[0].shape == (3, 32, 32)
     assert len(val_set) == 2 and val_set[0].shape == (3, 16, 16)
 
 
@@ -862,7 +861,7 @@ def test_hyper_latent_bits_and_precision_are_logged(tmp_path, images):
     model = tiny_model(0)
     train(model, images, tmp_path, TrainConfig(lmbda=0.0483, steps=2, batch_size=2, steps_per_epoch=2),
           val_data=val, progress=False)
-    header, rows = _read_csv(tmp_path / "metrics.csv")
+    header, rows = read_csv(tmp_path / "metrics.csv")
     assert {"train_bpp_z", "train_z_bits", "val_bpp_z", "val_z_bits", "precision"} <= set(header)
     assert rows[0]["precision"] == "fp32"
     # z bits per image are bpp_z times the pixels of one 64 px crop
@@ -876,9 +875,109 @@ def test_hyper_latent_bits_and_precision_are_logged(tmp_path, images):
 
 def test_auto_precision_is_bf16_only_with_bf16_hardware(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(train_mod, "fast_bf16", lambda device: True)
-    assert train_mod.resolved_precision("auto", cpu) == "bf16"
-    monkeypatch.setattr(train_mod, "fast_bf16", lambda device: False)
-    assert train_mod.resolved_precision("auto", cpu) == "fp32"
-    assert train_mod.resolved_precision("bf16", cpu) == "bf16"  # asked for explicitly: obeyed
+    monkeypatch.setattr(config_mod, "fast_bf16", lambda device: True)
+    assert config_mod.resolved_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(config_mod, "fast_bf16", lambda device: False)
+    assert config_mod.resolved_precision("auto", cpu) == "fp32"
+    assert config_mod.resolved_precision("bf16", cpu) == "bf16"  # asked for explicitly: obeyed
     assert TrainConfig(lmbda=0.01, steps=1, precision="auto").precision == "auto"
+
+
+# ---------------------------------------------------------------------------- one configuration, one command (issue 26)
+PRE_SPLIT = REPO / "tests" / "fixtures" / "pre_split_run"
+
+
+def test_a_checkpoint_of_the_code_before_the_split_resumes_with_alice_train(tmp_path):
+    """The fixture's mid-epoch last.pt (written by train.py before it became a package, with the pilot's
+    recipe: two parameter groups, an average, the removed switches at their neutral values in train_config)
+    resumes through today's command line silently and ends where that code's own resume ended."""
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("last.pt", "metrics.csv"):
+        shutil.copy(PRE_SPLIT / name, run / name)
+    before = load_checkpoint(run / "last.pt")
+    assert (before["step"], before["in_epoch"]["batches"], before["train_config"]["hyper_quantization"]) == (4, 1, "ste")
+    model = {"embed_dim": 2, "depths": "[1,1]", "num_heads": "[1,1]", "window_size": 2, "mlp_ratio": 1.0,
+             "num_slices": 2, "entropy_channels": 8, "drop_path_rate": 0.0}
+    schedule = {"batch_size": 2, "crop": 32, "steps": 6, "validate_every": 3, "checkpoint_every": 2,
+                "average_decay": 0.9, "hyper_init_gain": 300, "hyper_lr_scale": 0.125, "lr": 1e-3,
+                "schedule": "constant", "seed": 5, "precision": "fp32", "also_train": "[entropy_bottleneck]"}
+    settings = {**{f"model.{k}": v for k, v in model.items()}, "data.val_images": 2, "data.val_crop": 32,
+                **{f"adapt.vanilla.{k}": v for k, v in schedule.items()}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # neither a changed configuration nor a removed switch
+        assert alice_train(run, "--synthetic", "4", "--method", "vanilla", "--lmbda", "0.0483", "--init", "random",
+                           settings=settings) == 0
+    after, expected = load_checkpoint(run / "last.pt"), json.loads((PRE_SPLIT / "expected.json").read_text())
+    assert (after["step"], after["epoch"]) == (expected["step"], expected["epoch"])
+    for key, total in expected["weights"].items():  # summed in float64: equal here, within rounding elsewhere
+        assert after["model"][key].double().sum().item() == pytest.approx(total, rel=1e-5, abs=1e-6), key
+    for key, total in expected["average"].items():
+        assert after["average"]["weights"][key].double().sum().item() == pytest.approx(total, rel=1e-5, abs=1e-6)
+    rows = read_csv(run / "metrics.csv")[1]
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert float(rows[-1]["train_loss"]) == pytest.approx(expected["row"]["train_loss"], rel=1e-5)
+
+
+def test_the_pilots_command_builds_the_pilots_configuration(monkeypatch, tmp_path):
+    """benchmarks/cpu_scale_pilot.py's `alice train` yields the configuration its runs started with under
+    the old command line (their last.pt's train_config, less the removed switches), the same model and the
+    same checkpoint record: the runs resume after the split."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from cpu_scale_pilot import train_command
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    from alice_lib.train import command
+
+    seen = {}
+    monkeypatch.setattr(command, "_datasets", lambda args, settings, schedule: ([None] * 416, None))
+    monkeypatch.setattr(command, "train", lambda model, data, folder, config, **kw: seen.update(
+        model=model, folder=folder, config=config, **kw) or {})
+    argv = train_command("e32-d1111-w8", tmp_path / "e32", Path("photos"), threads=1)
+    assert argv[1:5] == ["-m", "alice_lib.cli", "train", "--profile"]
+    assert cli.main(argv[3:]) == 0
+    pilot = {"lmbda": 0.0483, "steps": 1000000, "batch_size": 4, "lr": 0.0005, "aux_lr": 0.001, "optimizer": "adam",
+             "schedule": "constant", "schedule_unit": "step", "clip_max_norm": 1.0, "metric": "mse", "seed": 0,
+             "num_workers": None, "steps_per_epoch": 200, "checkpoint_every": 50, "checkpoint_frozen": True,
+             "precision": "fp32", "tf32": False, "momentum": 0.9, "weight_decay": 0.0, "plateau_factor": 0.5,
+             "plateau_patience": 4, "ddp_find_unused_parameters": False, "hyper_lr_scale": 0.125,
+             "average_decay": 0.999}
+    assert seen["config"] == TrainConfig(**pilot) and seen["folder"] == str(tmp_path / "e32")
+    model_config = {"embed_dim": 32, "depths": [1, 1, 1, 1], "num_heads": [2, 4, 8, 16], "window_size": 8,
+                    "mlp_ratio": 4.0, "num_slices": 4, "patch_size": 2, "qkv_bias": True, "drop_path_rate": 0.0,
+                    "entropy_channels": 48}
+    assert seen["extra_state"] == {"model_config": model_config, "mode": "full", "lmbda": 0.0483}
+    assert seen["model"].config.to_dict() == model_config
+    torch.manual_seed(0)
+    fresh = SymmetricalTransFormer(STFConfig(**model_config))
+    assert torch.equal(seen["model"].h_a[-1].weight, 300 * fresh.h_a[-1].weight)  # recipe v2's start
+
+
+def test_a_checkpoint_that_used_a_removed_switch_says_so_when_it_resumes(tmp_path, images):
+    config = TrainConfig(lmbda=0.0483, steps=4, batch_size=2, lr=1e-3)
+    with pytest.raises(Interrupt):
+        train(tiny_model(0), images, tmp_path, config, progress=False, on_epoch_end=_stop_after(1))
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    ckpt["train_config"].update(hyper_quantization="noise", hyper_rate_warmup=0)
+    torch.save(ckpt, tmp_path / "last.pt")
+    with pytest.warns(UserWarning, match=r"trained with \{'hyper_quantization': 'noise'\}, switches that no longer"):
+        assert train(tiny_model(0), images, tmp_path, config, progress=False)["step"] == 4
+
+
+def test_alice_train_refuses_what_it_cannot_run(tmp_path, capsys):
+    """Clear one-line errors before anything trains: a method without its lambda or its anchor, a notebook
+    parameter, an unknown setting, a switch that no longer exists."""
+    cases = {("--method", "alice"): "needs the --lmbda",
+             ("--method", "alice", "--lmbda", "0.0067"): "profile smoke ships none: give --init",
+             ("--method", "lora", "--lmbda", "0.0067", "--init", "random"): "method: 'lora' is not one of",
+             ("-p", "kodak_dir=/data"): "parameters of `alice run`'s notebooks",
+             ("-p", "anchor.train.hyper_quantization=noise"): "unknown keys ['hyper_quantization']",
+             ("-p", "anchor.train.hyper_rate_warmup=100"): "unknown keys ['hyper_rate_warmup']"}
+    for options, message in cases.items():
+        assert alice_train(tmp_path, "--synthetic", "4", *options) == 1, options
+        assert message in capsys.readouterr().err, options
+    assert not (tmp_path / "last.pt").exists()

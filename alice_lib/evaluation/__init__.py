@@ -3,7 +3,7 @@
 Modules, each owning one thing (imports go down this list, never up; nothing here
 imports :mod:`alice_lib.figures` or :mod:`alice_lib.pipeline`):
 
-* :mod:`.metrics` -- PSNR and MS-SSIM on 8-bit RGB.
+* :mod:`.metrics` -- PSNR and MS-SSIM on 8-bit RGB; the MS-SSIM of training's loss (:func:`ms_ssim_index`).
 * :mod:`.tables` -- the per-image, summary, CompressAI-JSON and published-point tables:
   :func:`summarize`, :func:`write_compressai_json`, :func:`read_tables`.
 * :mod:`.coding` -- learned codecs through real bitstreams (:func:`code_image`,
@@ -27,7 +27,7 @@ from .bd import (ANCHOR_METHOD, BD_COLUMNS, BD_METHODS, CURVES_ADAPTED, CURVES_W
 from .classical import CLASSICAL_CODECS, avif_available, code_classical, evaluate_classical
 from .coding import PADDINGS, Padding, code_image, crop_reference, evaluate_models, pad_reference
 from .complexity import COMPLEXITY_COLUMNS, complexity_models, measure_complexity
-from .metrics import image_quality, ms_ssim_rgb, ms_ssim_to_db, psnr_rgb
+from .metrics import image_quality, ms_ssim_index, ms_ssim_rgb, ms_ssim_to_db, msssim_window, psnr_rgb
 from .run import ModelEntry, evaluate, publish_tables
 from .targets import TARGET_COLUMNS, TARGETS_CSV, rd_loss, target_table, write_target_table
 from .tables import (BD_CSV, RESULT_COLUMNS, STF_PUBLISHED_KODAK, STF_PUBLISHED_KODAK_MSSSIM, SUMMARY_COLUMNS,
@@ -39,7 +39,7 @@ __all__ = [
     "CLASSICAL_CODECS", "avif_available", "code_classical", "evaluate_classical",
     "PADDINGS", "Padding", "code_image", "crop_reference", "evaluate_models", "pad_reference",
     "COMPLEXITY_COLUMNS", "complexity_models", "measure_complexity",
-    "image_quality", "ms_ssim_rgb", "ms_ssim_to_db", "psnr_rgb",
+    "image_quality", "ms_ssim_index", "ms_ssim_rgb", "ms_ssim_to_db", "msssim_window", "psnr_rgb",
     "ModelEntry", "evaluate", "publish_tables",
     "TARGET_COLUMNS", "TARGETS_CSV", "rd_loss", "target_table", "write_target_table",
     "BD_CSV", "RESULT_COLUMNS", "STF_PUBLISHED_KODAK", "STF_PUBLISHED_KODAK_MSSSIM", "SUMMARY_COLUMNS",

@@ -46,11 +46,11 @@ BD_METHODS: tuple[str, ...] = ("cubic", "akima", "pchip")
 #: The method label of the frozen base model in a summary (evaluated once, its own point).
 ANCHOR_METHOD = "anchor"
 #: Methods whose curves are built from models at the target lambdas (the anchor may join them).
-LEARNED_METHODS: tuple[str, ...] = ("fixed-rate", "alice", "vanilla", "malice", "full-finetune")
+LEARNED_METHODS: tuple[str, ...] = ("fixed-rate", "alice", "vanilla", "malice", "full")
 #: The comparisons the paper's claims rest on: (method, reference curve).
 DEFAULT_BD_PAIRS: tuple[tuple[str, str], ...] = (
     ("alice", "fixed-rate"), ("vanilla", "fixed-rate"), ("malice", "alice"), ("fixed-rate", "jpeg"),
-    ("alice", "jpeg"), ("fixed-rate", "webp"), ("fixed-rate", "avif"), ("full-finetune", "fixed-rate"))
+    ("alice", "jpeg"), ("fixed-rate", "webp"), ("fixed-rate", "avif"), ("full", "fixed-rate"))
 CURVES_ADAPTED, CURVES_WITH_ANCHOR = "adapted", "with anchor"
 
 _METRIC_COLUMNS = {"psnr": "psnr", "ms_ssim_db": "ms_ssim_db", "ms-ssim": "ms_ssim_db", "ms_ssim": "ms_ssim_db"}

@@ -159,18 +159,12 @@ class SymmetricalTransFormer(CompressionModel):
     padded (edge replication) to :attr:`STFConfig.total_stride` and cropped back.
     """
 
-    #: How the hyper-latent reaches the hyper-synthesis in training mode: ``"ste"`` rounds it
-    #: around the bottleneck's medians with a straight-through gradient (STF's reference
-    #: training); ``"noise"`` passes ``z`` plus uniform noise (Balle et al., ICLR 2018, and
-    #: CompressAI's hyperprior models). Evaluation always rounds. A training choice, not part
-    #: of the architecture: :class:`alice_lib.train.TrainConfig` sets it.
-    hyper_quantization: str = "ste"
-
     #: Top-level modules of the entropy model (hyperprior, slice transforms, LRP, entropy
     #: coders): what ALICE keeps frozen. Ablations unfreeze them by these names.
     ENTROPY_MODEL = ("h_a", "h_mean_s", "h_scale_s", "cc_mean_transforms", "cc_scale_transforms",
                      "lrp_transforms", "entropy_bottleneck", "gaussian_conditional")
-    #: The part of it that makes, codes and reads the hyper-latent (training's ``hyper_lr_scale``).
+    #: The part of it that makes, codes and reads the hyper-latent (training's ``hyper_lr_scale``,
+    #: :mod:`alice_lib.train.hyperprior`).
     HYPERPRIOR = ("h_a", "h_mean_s", "h_scale_s", "entropy_bottleneck")
 
     def __init__(self, config: STFConfig | None = None, **overrides):
@@ -284,12 +278,11 @@ class SymmetricalTransFormer(CompressionModel):
         h, w = x.shape[-2:]
         y = self.analysis(self._pad(x))
         z = self.h_a(y)
-        z_noisy, z_likelihoods = self.entropy_bottleneck(z)
-        if self.training and self.hyper_quantization == "noise":
-            z_hat = z_noisy
-        else:
-            z_offset = self.entropy_bottleneck._get_medians()
-            z_hat = quantize_ste(z - z_offset) + z_offset
+        _, z_likelihoods = self.entropy_bottleneck(z)
+        # The hyper-synthesis sees z rounded around the bottleneck's medians, with a straight-through
+        # gradient in training (STF's reference training; the likelihoods see additive noise).
+        z_offset = self.entropy_bottleneck._get_medians()
+        z_hat = quantize_ste(z - z_offset) + z_offset
         latent_means, latent_scales = self._hyper_decode(z_hat)
 
         y_hat_slices: list[Tensor] = []

@@ -3,7 +3,7 @@
 ``../shared/GPU.md`` item 1. Measured on one H200 with six processes sharing it: 0.186 s per
 step of 16 crops of 256 px each, about 25 times the 2-core machine's speed per model (1.2 s
 per step of 4 crops at 1 thread), six at a time. This driver runs the workbook's own
-training loop (``python -m alice_lib.train``, the recipe of ``reports/cpu/training/README.md``
+training loop (``alice train``, the recipe of ``reports/cpu/training/README.md``
 with batch 16) for the anchor (lambda 0.0483) and the five references, each from random
 weights, one process per lambda, all with the same number of steps:
 
@@ -53,18 +53,19 @@ REPO = Path(__file__).resolve().parents[2]
 CPU = load_settings("cpu")
 ANCHOR = CPU.anchor.lmbda
 LAMBDAS = (ANCHOR, *CPU.targets)
-RECIPE = ["--profile", "cpu", "--mode", "full", "--schedule", "cosine", "--val-images", "16", "--threads", "1",
-          "--num-workers", "1", "--no-progress"]
+RECIPE = ["--profile", "cpu", "--threads", "1", "--no-progress", "-p", "anchor.train.schedule=cosine",
+          "-p", "data.val_images=16", "-p", "anchor.train.num_workers=1"]
 VALIDATIONS = 20  # rows of metrics.csv per run
 
 
 def _launch(args: argparse.Namespace, run_dir: Path, lmbda: float, steps: int, per_epoch: int,
             log: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "alice_lib.train", "--data", args.data, "--run-dir", str(run_dir),
-               "--lmbda", str(lmbda), "--steps", str(steps), "--steps-per-epoch", str(per_epoch),
-               "--batch-size", str(args.batch_size), "--crop", str(args.crop), "--lr", str(args.lr),
-               "--seed", str(args.seed), "--no-resume", *RECIPE,
-               "--hyper-init-gain", str(args.hyper_init_gain), "--hyper-lr-scale", str(args.hyper_lr_scale)]
+    schedule = {"steps": steps, "validate_every": per_epoch, "batch_size": args.batch_size, "crop": args.crop,
+                "lr": args.lr, "seed": args.seed, "hyper_init_gain": args.hyper_init_gain,
+                "hyper_lr_scale": args.hyper_lr_scale}
+    command = [sys.executable, "-m", "alice_lib.cli", "train", "--train-dir", str(run_dir), "--lmbda", str(lmbda),
+               "--no-resume", *RECIPE, "-p", f"data.train_dir={args.data}",
+               *[arg for key, value in schedule.items() for arg in ("-p", f"anchor.train.{key}={value}")]]
     if args.init_from:
         command += ["--init", str(args.init_from / f"fixed-rate-{lmbda}" / "last.pt")]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}

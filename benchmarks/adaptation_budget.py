@@ -1,13 +1,13 @@
 """How ALICE's Kodak results move with the adaptation budget: one row per run, one curve per lambda.
 
 Each argument is ``STEPS=FOLDER``, a report folder of a main-job run (``reports/cpu`` or one of
-``reports/cpu/adaptation/budget-*``) whose adapters trained for STEPS steps. From its
+``runs/cpu-adapt<N>/reports``) whose adapters trained for STEPS steps. From its
 ``bd_rate.csv`` (Akima, five adapted points, alice vs fixed-rate) and ``targets.csv`` (each
 ALICE point against the reference at its lambda) this prints one table and draws
 ``budget.png``: BD-rate, rate ratio and objective ratio against the steps (log scale).
 
-    python benchmarks/adaptation_budget.py 300=reports/cpu 1200=reports/cpu/adaptation/budget-1200 \\
-        2000=reports/cpu/adaptation/budget-2000 --out reports/cpu/adaptation/budget-2000
+    python benchmarks/adaptation_budget.py 300=reports/cpu 1200=runs/cpu-adapt1200/reports \\
+        2000=runs/cpu-adapt2000/reports 5500=runs/cpu-adapt5500/reports --out docs/studies/adaptation-budget
 """
 
 from __future__ import annotations

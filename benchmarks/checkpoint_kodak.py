@@ -1,6 +1,6 @@
 """Where a model in training stands on Kodak: its RD point through real bitstreams, beside JPEG 4:4:4.
 
-For the CPU scale's long trainings (``reports/cpu/training/``): each checkpoint
+For the CPU scale's long trainings (``docs/studies/anchor-training.md``, ``docs/cpu-scale/``): each checkpoint
 (``best.pt`` or ``last.pt`` of a training folder, read with ``weights_only=True``) codes
 the Kodak images; JPEG 4:4:4 codes them at a sweep of qualities, and its PSNR is
 interpolated (in log-rate) at the model's mean bpp. A positive ``vs_jpeg_db`` means the

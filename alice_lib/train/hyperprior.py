@@ -18,7 +18,7 @@ Recipe v2 (300 and 0.125) keeps the hyper-latent varying in about half its eleme
 to the end of the anchor's training, where the published recipe leaves it constant;
 the anchor codes no better for it, but an anchor whose hyperprior carries
 information is one whose frozen entropy model ALICE can adapt through. Measured in
-``docs/studies/hyperprior.md`` (formerly ``reports/cpu/hyperprior/README.md``),
+``docs/studies/hyperprior.md``,
 which also records the two other switches tried then and removed since, because
 neither gained anything: additive noise instead of rounding for the hyper-latent
 (the same validation loss, 11.293 against 11.291, and a hyper-latent still constant)

@@ -2,13 +2,13 @@
 
 Issue 10 asks how many adaptation steps bring ALICE within +5 % BD-rate of the CPU references.
 On the 2-core machine four times the main job's 300 steps took +52.8 % to +30.8 %
-(``reports/cpu/adaptation/budget-1200/``); ten to a hundred times is GPU work
-(``reports/gpu/README.md``, section 1). This driver runs exactly the main job's code path,
+(``docs/studies/adaptation-budget.md``); ten to a hundred times is GPU work
+(``docs/gpu.md``). This driver runs exactly the main job's code path,
 :func:`alice_lib.pipeline.adapt` with the CPU profile's adaptation settings and ``adapt.steps``
 overridden, once per (method, target lambda), every run a process of its own sharing the GPU.
 The anchor is the shipped one, so the adapters it returns load onto this machine's anchor.
 
-On the GPU machine (compressai built there as ``reports/gpu/README.md`` says)::
+On the GPU machine (compressai built there as ``docs/gpu.md`` says)::
 
     python benchmarks/gpu/adapt_cpu_profile.py --data DIR --out $OUT --steps 3000 --methods alice \\
         --deadline-s 500

@@ -3,7 +3,7 @@
 ``../shared/GPU.md`` item 1. Measured on one H200 with six processes sharing it: 0.186 s per
 step of 16 crops of 256 px each, about 25 times the 2-core machine's speed per model (1.2 s
 per step of 4 crops at 1 thread), six at a time. This driver runs the workbook's own
-training loop (``alice train``, the recipe of ``reports/cpu/training/README.md``
+training loop (``alice train``, the recipe of ``docs/studies/anchor-training.md``
 with batch 16) for the anchor (lambda 0.0483) and the five references, each from random
 weights, one process per lambda, all with the same number of steps:
 
@@ -121,7 +121,7 @@ def export(run_dir: Path, out: Path, lmbda: float) -> dict:
 def trained_weights(results: Path, lmbda: float) -> tuple[dict, dict]:
     """One model's state dict and facts (its step, where known) from a results folder: the GPU's
     ``weights-<lambda>.safetensors``, or the ``fixed-rate-<lambda>/last.pt`` of a training folder
-    (the CPU track, ``reports/cpu/training/``)."""
+    (the CPU track, ``docs/studies/anchor-training.md``)."""
     from safetensors.torch import load_file
 
     from alice_lib.train import load_checkpoint
@@ -174,7 +174,7 @@ def main() -> None:
     parser.add_argument("--init-from", type=Path, help="a previous --work folder: continue each model from it")
     parser.add_argument("--crop", type=int, default=256)
     parser.add_argument("--hyper-init-gain", type=float, default=CPU.anchor.train.hyper_init_gain,
-                        help="default: the cpu profile's; recipe v2 (reports/cpu/recipe-v2-gpu/) uses 300")
+                        help="default: the cpu profile's; recipe v2 (docs/studies/recipe-v2.md) uses 300")
     parser.add_argument("--hyper-lr-scale", type=float, default=CPU.anchor.train.hyper_lr_scale,
                         help="default: the cpu profile's; recipe v2 uses 0.125")
     parser.add_argument("--startup-s", type=float, default=25.0, help="expected start-up time of a process")

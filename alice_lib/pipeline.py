@@ -30,9 +30,8 @@ from torch.utils.data import Dataset, Subset
 from . import data as data_lib
 from .checkpoints import load_stf, save_stf
 from . import evaluation
-from .evaluation import published_points
-from .lora import (LoRAConfig, count_parameters, inject_lora, load_adapters, mark_trainable, merge_lora,
-                   save_adapters)
+from .adapter_files import load_adapters, save_adapters
+from .lora import count_parameters, inject_lora, mark_trainable, merge_lora
 from .models.stf import STFConfig, SymmetricalTransFormer
 from . import settings as settings_lib
 from .planning import ExperimentPlan, Progress, make_plan

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from . import data as data_lib
+from . import data_sources as sources_lib
 from .checkpoints import load_stf, save_stf
 from . import evaluation
 from .adapter_files import load_adapters, save_adapters
@@ -65,19 +66,19 @@ def prepare_data(settings: Settings, run_dir: str | Path, kodak: str | None = No
     """
     spec = settings.data
     sources = {
-        "kodak": data_lib.resolve_kodak(kodak or spec.kodak_dir, allow_download=allow_download),
-        "train": data_lib.resolve_training(train_folder or spec.train_dir, source=spec.train_source,
-                                           n_images=spec.train_images or data_lib.OPENIMAGES_TRAIN_IMAGES,
-                                           allow_download=allow_download),
+        "kodak": sources_lib.resolve_kodak(kodak or spec.kodak_dir, allow_download=allow_download),
+        "train": sources_lib.resolve_training(train_folder or spec.train_dir, source=spec.train_source,
+                                              n_images=spec.train_images or sources_lib.OPENIMAGES_TRAIN_IMAGES,
+                                              allow_download=allow_download),
     }
-    val = data_lib.resolve_validation(spec.val_source, val_folder or spec.val_dir, spec.val_images,
-                                      allow_download=allow_download)
+    val = sources_lib.resolve_validation(spec.val_source, val_folder or spec.val_dir, spec.val_images,
+                                         allow_download=allow_download)
     if val is not None:
         sources["val"] = val
     return record_sources(run_dir, sources)
 
 
-def record_sources(run_dir: str | Path, sources: Mapping[str, data_lib.DataSource]) -> dict:
+def record_sources(run_dir: str | Path, sources: Mapping[str, sources_lib.DataSource]) -> dict:
     """Write resolved data folders (``kodak``, ``train``, ``val``) into the run's ``data.json``."""
     record = {name: {"path": str(src.path), "kind": src.kind, "is_kodak": src.is_kodak, "note": src.note,
                      "images": data_lib.count_images(src.path)} for name, src in sources.items()}

@@ -27,6 +27,7 @@ from typing import Protocol
 import torch
 
 from . import data as data_lib
+from . import data_sources as sources_lib
 from .evaluation.tables import RESULTS_CSV
 from .run_folder import RunLayout
 from .settings import TRAINING_MODES, Settings, TrainingSettings
@@ -243,15 +244,15 @@ def plan_data(settings: Settings, run_dir: Path | None, parameters: Mapping | No
     if run_dir is not None and RunLayout(run_dir).data_json.exists():
         recorded = json.loads(RunLayout(run_dir).data_json.read_text())
     train_found, train_from = _found(recorded.get("train"), requested_only, lambda: _quiet(
-        data_lib.resolve_training, parameters.get("train_dir") or spec.train_dir, source=spec.train_source,
-        n_images=spec.train_images or data_lib.OPENIMAGES_TRAIN_IMAGES, allow_download=False))
+        sources_lib.resolve_training, parameters.get("train_dir") or spec.train_dir, source=spec.train_source,
+        n_images=spec.train_images or sources_lib.OPENIMAGES_TRAIN_IMAGES, allow_download=False))
     val_found, val_from = None, "held out of the training images"
     if spec.val_source != "held_out":
         val_found, val_from = _found(recorded.get("val"), requested_only, lambda: _quiet(
-            data_lib.resolve_validation, spec.val_source, parameters.get("val_dir") or spec.val_dir,
+            sources_lib.resolve_validation, spec.val_source, parameters.get("val_dir") or spec.val_dir,
             spec.val_images, allow_download=False))
     kodak_found, kodak_from = _found(recorded.get("kodak"), False, lambda: _quiet(
-        data_lib.resolve_kodak, parameters.get("kodak_dir") or spec.kodak_dir, allow_download=False))
+        sources_lib.resolve_kodak, parameters.get("kodak_dir") or spec.kodak_dir, allow_download=False))
     present = train_found is not None
     train = min(train_found, spec.train_images or train_found) if present else (spec.train_images or 0)
     held_out = min(spec.val_images, train // 4) if spec.val_source == "held_out" else 0

@@ -123,7 +123,7 @@ def test_plan_json_carries_the_reference_protocol(capsys):
 
 def test_plan_without_the_data_uses_the_requested_counts_and_says_so(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("ALICE_OFFLINE", "1")
-    monkeypatch.setattr("alice_lib.data.DATA_ROOT", tmp_path)  # no OpenImages there
+    monkeypatch.setattr("alice_lib.data_sources.DATA_ROOT", tmp_path)  # no OpenImages there
     assert main(["plan", "--profile", "paper", "--no-measure", "--run-dir", str(tmp_path / "run")]) == 0
     text = capsys.readouterr().out
     assert "MISSING" in text and "requested count" in text and "281,250" in text

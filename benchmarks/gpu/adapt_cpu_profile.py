@@ -54,10 +54,10 @@ def overrides(steps: int, methods: list[str], checkpoint_every: int, workers: in
 
 def prepare(run_dir: Path, data: str) -> None:
     """A run folder with the shipped anchor and the training photographs (no Kodak needed to adapt)."""
-    from alice_lib import data as data_lib
+    from alice_lib.data_sources import resolve_training
     from alice_lib.pipeline import load_profile, prepare_anchor, record_sources
 
-    record_sources(run_dir, {"train": data_lib.resolve_training(data, allow_download=False)})
+    record_sources(run_dir, {"train": resolve_training(data, allow_download=False)})
     prepare_anchor(load_profile("cpu"), run_dir, progress=False)
 
 

@@ -32,7 +32,7 @@ from . import evaluation
 from .adapter_files import load_adapters, save_adapters
 from .lora import count_parameters, inject_lora, mark_trainable, merge_lora
 from .models.stf import STFConfig, SymmetricalTransFormer
-from .run_folder import RunLayout, lmbda_tag
+from .run_folder import TRAINING_LOG, RunLayout, lmbda_tag
 from .settings import RESULT_LABEL, TRAINING_MODES, Settings, SettingsError, TrainingSettings, load_settings
 from .train import TrainConfig, amplify_hyper_latent, load_checkpoint, load_weights, train
 from .utils import atomic_copy, atomic_write_bytes
@@ -159,7 +159,7 @@ def export_trained(folder: str | Path, out_path: str | Path) -> Path:
     model.update(force=True)
     path = save_stf(out_path, model, {"lmbda": best["lmbda"], "trained_steps": best["step"],
                                       "best_val_loss": best["best_loss"]})
-    atomic_copy(folder / "metrics.csv", out_path.with_suffix(".metrics.csv"))
+    atomic_copy(folder / TRAINING_LOG, out_path.with_suffix(".metrics.csv"))
     return path
 
 

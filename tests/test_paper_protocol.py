@@ -24,7 +24,8 @@ from alice_lib import pipeline as wb
 from alice_lib.checkpoints import save_stf
 from alice_lib.cli import main
 from alice_lib.models.stf import STFConfig, SymmetricalTransFormer
-from alice_lib.settings import RunLayout, load_settings
+from alice_lib.run_folder import RunLayout
+from alice_lib.settings import load_settings
 from alice_lib.train import load_checkpoint
 
 REFERENCE_TARGETS = [0.0018, 0.0035, 0.0067, 0.013, 0.025]

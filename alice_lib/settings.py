@@ -449,7 +449,7 @@ def _build(raw: dict, source: str) -> Settings:
                           metric=raw.get("metric", "mse"))
     anchor = dict(raw["anchor"])
     anchor_settings = AnchorSettings(lmbda=float(anchor.pop("lmbda")), weights=anchor.pop("weights", None),
-                                     train=_training("anchor.train", anchor.pop("train")))
+                                     train=_training("anchor.train", anchor.pop("train", {})))
     _no_extra("anchor", anchor)
     targets = tuple(float(t) for t in raw["targets"])
     if not targets or any(t <= 0 for t in targets):

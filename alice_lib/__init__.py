@@ -5,12 +5,13 @@ rate-distortion trade-off and trains small low-rank adapters per other rate.
 
 * :mod:`alice_lib.models` — the STF codec (``SymmetricalTransFormer``, ``STFConfig``)
 * :mod:`alice_lib.checkpoints` — published and own checkpoints
-* :mod:`alice_lib.lora` — adapters: inject, mark trainable, merge (MALICE), adapter files
+* :mod:`alice_lib.lora` — adapters: inject, mark trainable, merge (MALICE); :mod:`alice_lib.adapter_files`
 * :mod:`alice_lib.train` — the rate-distortion training loop
-* :mod:`alice_lib.data` — image folders, Kodak download, offline fallback
+* :mod:`alice_lib.data` — image folders; :mod:`alice_lib.data_sources` — Kodak download, OpenImages, fallback
 * :mod:`alice_lib.evaluation` — real-bitstream evaluation, classical codecs, BD tables, complexity
 * :mod:`alice_lib.figures` — draws the tables evaluation wrote
-* :mod:`alice_lib.pipeline` — profiles and the notebooks' steps; ``alice run`` drives them
+* :mod:`alice_lib.settings` — profiles as typed settings; :mod:`alice_lib.run_folder` — the run folder
+* :mod:`alice_lib.pipeline` — the notebooks' steps; :mod:`alice_lib.driver` (``alice run``) runs the notebooks
 * :mod:`alice_lib.codec` — ``.alice`` files: format, continuous rate control, tiled coding, target search
 """
 

@@ -33,7 +33,8 @@ class CLIError(Exception):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .pipeline import PipelineError, run_pipeline
+    from .driver import run_pipeline
+    from .pipeline import PipelineError
 
     started = time.time()
     try:
@@ -52,15 +53,18 @@ def _plan(args: argparse.Namespace) -> int:
     """Print the resolved experiment before anything runs (``--json``: one JSON object)."""
     import json
 
+    from .driver import notebook_order
     from .planning import make_plan
-    from .settings import SettingsError, default_run_dir, load_settings, split_parameters
+    from .run_folder import default_run_dir
+    from .settings import SettingsError, load_settings, split_parameters
 
     parameters = _parameters(args.param, "plan")
     try:
-        overrides, _ = split_parameters(parameters)
-        run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(load_settings(args.profile, overrides).name)
-        plan = make_plan(args.profile, parameters, run_dir=run_dir, measure=not args.no_measure,
-                         requested_only=args.requested_counts)
+        overrides, notebook_parameters = split_parameters(parameters)
+        settings = load_settings(args.profile, overrides)
+        run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(settings.name)
+        plan = make_plan(settings, notebook_order(settings), notebook_parameters, run_dir=run_dir,
+                         measure=not args.no_measure, requested_only=args.requested_counts)
     except (SettingsError, FileNotFoundError) as error:
         print(f"alice plan: {error}", file=sys.stderr)
         return 1

@@ -53,12 +53,14 @@ from torch import Tensor
 
 from .checkpoints import load_stf, shipped_weights
 from .codec import AliceFile, RateControl, compress_to_target, decode, encode, read_alice, write_alice
-from .data import list_images, read_image, resolve_kodak
+from .data import list_images, read_image
+from .data_sources import resolve_kodak
 from .evaluation import read_tables, summarize
 from .evaluation.classical import ClassicalCoded, code_classical_image, decode_classical, encode_classical
 from .evaluation.metrics import image_quality, psnr_rgb
 from .figures import METHOD_STYLES, PAPER_RC, draw_rd, save_figure
-from .settings import REPO_ROOT, RunLayout, Settings, default_run_dir, load_settings
+from .run_folder import REPO_ROOT, RunLayout, default_run_dir
+from .settings import Settings, load_settings
 from .utils import atomic_write_bytes, to_uint8
 
 __all__ = ["DEFAULT_IMAGE", "JPEG_QUALITIES", "RD_METHODS", "Picture", "open_picture", "load_rate_control",

@@ -14,42 +14,34 @@ optionally, ``attn.qkv`` / ``attn.proj``. Parameter names reproduce the publishe
 ALICE checkpoints: an adapted layer ``L`` stores ``L.linear.weight``,
 ``L.linear.bias``, ``L.lora.W_a`` (``[in, r]``) and ``L.lora.W_b`` (``[r, out]``),
 and computes ``linear(x) + alpha * (x @ W_a @ W_b)`` (alpha is *not* divided by
-the rank, unlike the LoRA paper's ``alpha / r``).
+the rank, unlike the LoRA paper's ``alpha / r``). Adapter files are :mod:`alice_lib.adapter_files`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 __all__ = [
-    "ADAPTER_FORMAT", "ADAPTER_FORMAT_VERSION", "MODES",
+    "MODES",
     "LoRAConfig", "LoRAAdapter", "LoRALinear",
     "target_names", "inject_lora", "config_of", "lora_modules", "has_lora",
     "trainable_names", "mark_trainable",
     "merge_lora", "unmerge_lora", "strip_lora", "merged_state_dict", "base_state_dict",
     "lora_state_dict", "load_lora_state_dict", "base_weights_hash",
-    "save_adapters", "load_adapters", "read_adapter_metadata", "read_adapter_factors", "lora_delta",
-    "remove_lora",
-    "count_parameters", "parameter_table", "file_sizes",
+    "lora_delta", "remove_lora",
+    "count_parameters", "parameter_table",
 ]
 
-ADAPTER_FORMAT = "alice-lora"
-ADAPTER_FORMAT_VERSION = 1
 MODES = ("lora", "vanilla", "full")
 
 # Buffers that CompressAI's entropy models rebuild with ``update()``: they depend on the
@@ -472,122 +464,6 @@ def base_weights_hash(model: nn.Module, length: int = 16) -> str:
     return digest.hexdigest()[:length]
 
 
-# ---------------------------------------------------------------------------- adapter files
-def save_adapters(path: str | os.PathLike, model: nn.Module, *, lmbda: float, config: LoRAConfig,
-                  extra_metadata: dict[str, Any] | None = None) -> Path:
-    """Write only the adapter tensors, with metadata, to a safetensors file (atomically).
-
-    Metadata (JSON strings): ``format``, ``format_version``, ``lambda``,
-    ``lora_config``, ``base_hash`` (:func:`base_weights_hash` of the model the
-    adapters sit on) and ``extra``.
-    """
-    present = config_of(model)
-    if present is None:
-        raise ValueError("the model has no adapters to save")
-    if (set(target_names(model, config)) != set(lora_modules(model))
-            or (present.r, present.alpha) != (config.r, config.alpha)):
-        raise ValueError("the given LoRA config does not describe the adapters in the model")
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in lora_state_dict(model).items()}
-    metadata = {
-        "format": ADAPTER_FORMAT,
-        "format_version": json.dumps(ADAPTER_FORMAT_VERSION),
-        "lambda": json.dumps(float(lmbda)),
-        "lora_config": json.dumps(config.to_dict()),
-        "base_hash": base_weights_hash(model),
-        "extra": json.dumps(extra_metadata or {}),
-    }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write next to the target then rename: an interrupted save never leaves a torn file.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def read_adapter_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """Parsed metadata of an adapter file: lambda, config, base_hash, format_version, extra."""
-    with safe_open(str(path), framework="pt") as f:
-        raw = f.metadata() or {}
-    if raw.get("format") != ADAPTER_FORMAT:
-        raise ValueError(f"{path} is not an ALICE adapter file (format {raw.get('format')!r})")
-    version = json.loads(raw["format_version"])
-    if version > ADAPTER_FORMAT_VERSION:
-        raise ValueError(f"{path}: adapter format version {version} is newer than this code's "
-                         f"({ADAPTER_FORMAT_VERSION})")
-    return {
-        "lambda": json.loads(raw["lambda"]),
-        "config": LoRAConfig.from_dict(json.loads(raw["lora_config"])),
-        "base_hash": raw["base_hash"],
-        "format_version": version,
-        "extra": json.loads(raw.get("extra", "{}")),
-    }
-
-
-def read_adapter_factors(path: str | os.PathLike, model: nn.Module
-                         ) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
-    """An adapter file checked against a plain ``model`` without changing it.
-
-    Returns ``(metadata, tensors as stored, {layer: (W_a, W_b)} in float32 on the
-    model's device)``. Refuses a file trained on other base weights, one whose tensors
-    are not exactly those its config targets in ``model``, and shapes that do not fit.
-    """
-    meta = _metadata_for(path, model)
-    config: LoRAConfig = meta["config"]
-    tensors = load_file(str(path))
-    names = target_names(model, config)
-    expected = {f"{n}.lora.{p}" for n in names for p in ("W_a", "W_b")}
-    if set(tensors) != expected:
-        raise ValueError(f"{path}: adapter tensors do not match the layers its config targets "
-                         f"({len(tensors)} tensors, {len(expected)} expected)")
-    factors = {}
-    for name in names:
-        w_a, w_b = tensors[f"{name}.lora.W_a"].float(), tensors[f"{name}.lora.W_b"].float()
-        weight = model.get_submodule(name).weight
-        if w_a.shape != (weight.shape[1], config.r) or w_b.shape != (config.r, weight.shape[0]):
-            raise ValueError(f"{path}: {name} adapter shapes {tuple(w_a.shape)}, {tuple(w_b.shape)} do not "
-                             f"fit the layer {tuple(weight.shape)} at rank {config.r}")
-        factors[name] = (w_a.to(weight.device), w_b.to(weight.device))
-    return meta, tensors, factors
-
-
-def _metadata_for(path: str | os.PathLike, model: nn.Module) -> dict[str, Any]:
-    """An adapter file's metadata, refused unless it was trained on exactly ``model``'s base weights."""
-    meta = read_adapter_metadata(path)
-    model_hash = base_weights_hash(model)
-    if model_hash != meta["base_hash"]:
-        raise ValueError(f"{path}: these adapters were trained on base weights with hash {meta['base_hash']}, "
-                         f"but the model's base weights hash to {model_hash}; load the matching base model")
-    return meta
-
-
-def load_adapters(path: str | os.PathLike, model: nn.Module) -> dict[str, Any]:
-    """Load an adapter file onto ``model`` (injecting adapters first if it has none).
-
-    Refuses, before changing anything, when the model's base weights are not the
-    ones the adapters were trained on. Returns :func:`read_adapter_metadata`.
-    """
-    meta = _metadata_for(path, model)
-    config: LoRAConfig = meta["config"]
-    if not has_lora(model):
-        inject_lora(model, config)
-    else:
-        present = config_of(model)
-        # Same keys but another alpha would load silently and compute something else.
-        if (set(target_names(model, config)) != set(lora_modules(model))
-                or (present.r, present.alpha) != (config.r, config.alpha)):
-            raise ValueError(f"{path}: the model's adapters (r={present.r}, alpha={present.alpha}) do not match "
-                             f"the file's config (r={config.r}, alpha={config.alpha}) or its target layers")
-    device = next(iter(lora_modules(model).values())).lora.W_a.device
-    load_lora_state_dict(model, load_file(str(path), device=str(device)))
-    return meta
-
-
 # ---------------------------------------------------------------------------- accounting
 def _numel(params: Iterable[Tensor]) -> int:
     return sum(p.numel() for p in params)
@@ -636,9 +512,3 @@ def parameter_table(model: nn.Module | Callable[[], nn.Module],
         counts = count_parameters(model, mode, config)
         rows.append({"mode": mode, **counts, "stored_fraction": counts["stored_per_rate"] / counts["total"]})
     return rows
-
-
-def file_sizes(adapter_path: str | os.PathLike, checkpoint_path: str | os.PathLike) -> dict[str, Any]:
-    """Bytes of an adapter file next to a full checkpoint (ALICE's storage argument)."""
-    adapter, checkpoint = os.path.getsize(adapter_path), os.path.getsize(checkpoint_path)
-    return {"adapter_bytes": adapter, "checkpoint_bytes": checkpoint, "ratio": adapter / checkpoint}

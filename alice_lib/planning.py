@@ -1,11 +1,12 @@
-"""What an experiment will do and how long it takes: ``alice plan``, and the progress of ``alice run``.
+"""What an experiment will do and how long it takes: ``alice plan``, and the estimate ``alice run`` shows.
 
 :func:`make_plan` resolves a profile into every training run (method, lambda,
 epochs, steps, batch, schedule, augmentation, seed), the data (requested and found
 counts), the evaluation, and an estimated wall time from a few steps measured on
-this device (:func:`measure_costs`). The same plan, as a list of work items in
-units of work (training steps, images coded), drives ``alice run``'s progress
-(:class:`Progress`), so the plan and the ETA cannot disagree.
+this device (:func:`measure_costs`). The driver (:mod:`alice_lib.driver`) decides which
+notebooks run, in which order; the plan only estimates each of them in units of work
+(training steps, images coded), and the same estimate drives ``alice run``'s progress
+(:class:`alice_lib.driver.Progress`), so the plan and the ETA cannot disagree.
 
 Step counts of an epoch-based schedule come from the training images found; when
 the data is not there yet (OpenImages before its download) they come from the
@@ -21,12 +22,15 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from . import data as data_lib
-from .settings import (TRAINING_MODES, RunLayout, Settings, TrainingSettings, lmbda_tag,
-                       load_settings)
+from . import data_sources as sources_lib
+from .evaluation.tables import RESULTS_CSV
+from .run_folder import RunLayout
+from .settings import TRAINING_MODES, Settings, TrainingSettings
 
 KODAK_PIXELS = 768 * 512
 KODAK_IMAGES = 24
@@ -37,6 +41,18 @@ PUBLISHED_IMAGE_SECONDS = {"cpu": 7.0, "cuda": 0.5}
 # time 01_data actually took), and the work of the two notebooks that mostly read files.
 NOTEBOOK_OVERHEAD = 10.0
 FIXED_SECONDS = {"01_data": 2.0, "02_fixed_rate": 3.0}
+TASK_LABELS = {"01_data": "data", "02_fixed_rate": "anchor", "04_evaluate": "evaluation",
+               "05_figures": "figures and complexity"}
+
+
+class NotebookCall(Protocol):
+    """A notebook the driver runs (:class:`alice_lib.driver.NotebookRun`): its name and its own parameters."""
+
+    @property
+    def notebook(self) -> str: ...
+
+    @property
+    def parameters(self) -> Mapping: ...
 
 
 @dataclass(frozen=True)
@@ -90,16 +106,15 @@ class Costs:
 
 @dataclass(frozen=True)
 class WorkItem:
-    """One notebook of ``alice run``: its parameters, its work in units, its estimated seconds."""
+    """The estimate of one notebook of ``alice run``: its work in units, its estimated seconds."""
 
     notebook: str
     label: str
     units: int
     unit: str
     work_seconds: float  # the work itself: steps, images coded
-    parameters: Mapping = field(default_factory=dict)
-    watch: tuple[str, ...] = ()  # files whose growth measures the item's progress (units summed)
-    overhead: float = 0.0  # starting a kernel and importing: the same for every notebook
+    watch: tuple[Path, ...] = ()  # files whose growth measures the item's progress (units summed)
+    overhead: float = NOTEBOOK_OVERHEAD  # starting a kernel and importing: the same for every notebook
 
     @property
     def seconds(self) -> float:
@@ -229,15 +244,15 @@ def plan_data(settings: Settings, run_dir: Path | None, parameters: Mapping | No
     if run_dir is not None and RunLayout(run_dir).data_json.exists():
         recorded = json.loads(RunLayout(run_dir).data_json.read_text())
     train_found, train_from = _found(recorded.get("train"), requested_only, lambda: _quiet(
-        data_lib.resolve_training, parameters.get("train_dir") or spec.train_dir, source=spec.train_source,
-        n_images=spec.train_images or data_lib.OPENIMAGES_TRAIN_IMAGES, allow_download=False))
+        sources_lib.resolve_training, parameters.get("train_dir") or spec.train_dir, source=spec.train_source,
+        n_images=spec.train_images or sources_lib.OPENIMAGES_TRAIN_IMAGES, allow_download=False))
     val_found, val_from = None, "held out of the training images"
     if spec.val_source != "held_out":
         val_found, val_from = _found(recorded.get("val"), requested_only, lambda: _quiet(
-            data_lib.resolve_validation, spec.val_source, parameters.get("val_dir") or spec.val_dir,
+            sources_lib.resolve_validation, spec.val_source, parameters.get("val_dir") or spec.val_dir,
             spec.val_images, allow_download=False))
     kodak_found, kodak_from = _found(recorded.get("kodak"), False, lambda: _quiet(
-        data_lib.resolve_kodak, parameters.get("kodak_dir") or spec.kodak_dir, allow_download=False))
+        sources_lib.resolve_kodak, parameters.get("kodak_dir") or spec.kodak_dir, allow_download=False))
     present = train_found is not None
     train = min(train_found, spec.train_images or train_found) if present else (spec.train_images or 0)
     held_out = min(spec.val_images, train // 4) if spec.val_source == "held_out" else 0
@@ -412,13 +427,15 @@ def _entry(method: str, lmbda: float, schedule: TrainingSettings, n_train: int, 
                     train_images=n_train, done=done)
 
 
-def make_plan(profile, parameters: Mapping | None = None, run_dir: str | Path | None = None,
-              measure: bool = True, requested_only: bool = False, costs: Costs | None = None) -> ExperimentPlan:
-    """The resolved experiment of ``profile`` with ``-p`` parameters (dotted settings and notebook parameters)."""
-    from .settings import split_parameters
+def make_plan(settings: Settings, notebooks: Sequence[NotebookCall], parameters: Mapping | None = None,
+              run_dir: str | Path | None = None, measure: bool = True, requested_only: bool = False,
+              costs: Costs | None = None) -> ExperimentPlan:
+    """The resolved experiment of ``settings`` and the estimate of each notebook the driver runs.
 
-    overrides, notebook = split_parameters(parameters)
-    settings = load_settings(profile, overrides)
+    ``notebooks``: the driver's list, in its order (:func:`alice_lib.driver.notebook_order`);
+    ``parameters``: the notebook parameters (``kodak_dir``, ``anchor_checkpoint``, ...).
+    """
+    notebook = dict(parameters or {})
     run_dir = Path(run_dir) if run_dir else None
     data = plan_data(settings, run_dir, notebook, requested_only)
     runs = training_runs(settings, data.train_images, run_dir)
@@ -441,7 +458,7 @@ def make_plan(profile, parameters: Mapping | None = None, run_dir: str | Path | 
     evaluation = {"datasets": list(ev.datasets), "images": data.kodak_images, "methods": list(ev.methods),
                   "classical": list(ev.classical), "padding": ev.padding, "bd_methods": list(ev.bd_methods),
                   "curves_include_anchor": ev.curves_include_anchor}
-    work = work_items(settings, runs, data, costs, anchor_run, notebook, reference_runs)
+    work = work_items(settings, notebooks, runs, data, costs, anchor_run, reference_runs, run_dir)
     return ExperimentPlan(profile=settings.name, anchor=anchor, references=references, runs=runs, data=data,
                           evaluation=evaluation,
                           costs=costs, work=work, notes=_notes(settings, data, anchor_run, notebook))
@@ -463,123 +480,58 @@ def _notes(settings: Settings, data: DataPlan, anchor_run: RunEntry | None, note
     return notes
 
 
-def work_items(settings: Settings, runs: list[RunEntry], data: DataPlan, costs: Costs,
-               anchor_run: RunEntry | None, notebook: Mapping,
-               reference_runs: Sequence[RunEntry] = ()) -> list[WorkItem]:
-    """The notebooks ``alice run`` executes, in order, each with its work and estimated seconds."""
-    base = {k: v for k, v in notebook.items() if k not in ("lmbda", "method")}
-    step_full = costs.step_seconds.get("full", max(costs.step_seconds.values()))
-    o = NOTEBOOK_OVERHEAD
-    items = [WorkItem("01_data", "data", 1, "task", FIXED_SECONDS["01_data"], base, overhead=o)]
+def work_items(settings: Settings, notebooks: Sequence[NotebookCall], runs: Sequence[RunEntry], data: DataPlan,
+               costs: Costs, anchor_run: RunEntry | None, reference_runs: Sequence[RunEntry] = (),
+               run_dir: Path | None = None) -> list[WorkItem]:
+    """The estimate of each notebook in ``notebooks`` (the driver's list and order): work and seconds.
+
+    ``watch``: the files each item grows in ``run_dir`` (none without a run folder).
+    """
+    layout = RunLayout(run_dir) if run_dir is not None else None
+    adaptation = {(r.method, r.lmbda): r for r in runs}
     fixed = ([anchor_run] if anchor_run is not None else []) + list(reference_runs)
-    if fixed:
-        label = " + ".join(f"{'anchor' if r is anchor_run else 'reference'} lambda {r.lmbda:g}" for r in fixed)
-        steps = sum(r.steps for r in fixed)
-        items.append(WorkItem("02_fixed_rate", label, steps, "step", steps * step_full, base, overhead=o,
-                              watch=tuple(f"train/fixed-rate-{lmbda_tag(r.lmbda)}/metrics.csv" for r in fixed)))
-    else:
-        items.append(WorkItem("02_fixed_rate", "anchor", 1, "task", FIXED_SECONDS["02_fixed_rate"], base, overhead=o))
+    step_full = costs.step_seconds.get("full", max(costs.step_seconds.values()))
+    items = []
+    for call in notebooks:
+        name = call.notebook
+        if name == "02_fixed_rate" and fixed:
+            label = " + ".join(f"{'anchor' if r is anchor_run else 'reference'} lambda {r.lmbda:g}" for r in fixed)
+            steps = sum(r.steps for r in fixed)
+            watch = tuple(layout.anchor_log(r.lmbda) for r in fixed) if layout else ()
+            items.append(WorkItem(name, label, steps, "step", steps * step_full, watch=watch))
+        elif name == "03_adapt":
+            run = adaptation[(call.parameters["method"], float(call.parameters["lmbda"]))]
+            items.append(_adaptation_item(settings, run, data, costs, step_full, layout))
+        elif name == "04_evaluate":
+            items.append(_evaluation_item(settings, data, costs, layout))
+        elif name == "05_figures":
+            items.append(WorkItem(name, TASK_LABELS[name], 1, "task", costs.complexity_seconds))
+        else:  # little work of its own: reading files, or 02_fixed_rate with nothing to train
+            items.append(WorkItem(name, TASK_LABELS.get(name, name), 1, "task", FIXED_SECONDS.get(name, 0.0)))
+    return items
+
+
+def _adaptation_item(settings: Settings, run: RunEntry, data: DataPlan, costs: Costs, step_full: float,
+                     layout: RunLayout | None) -> WorkItem:
+    """One 03_adapt: its steps (none when done), and the per-epoch Kodak check when the profile asks for it."""
     check = settings.adaptation.epoch_check
-    for r in runs:
-        n_checks = math.ceil(r.epochs) * (check.images or data.kodak_images) if check.enabled else 0
-        seconds = 0.0 if r.done else r.steps * costs.step_seconds.get(r.method, step_full) \
-            + n_checks * costs.image_seconds
-        items.append(WorkItem("03_adapt", f"{r.method} lambda {r.lmbda:g}", 0 if r.done else r.steps, "step",
-                              seconds, {**base, "lmbda": r.lmbda, "method": r.method}, overhead=o,
-                              watch=(f"rates/{r.method}-{lmbda_tag(r.lmbda)}/train/metrics.csv",)))
+    n_checks = math.ceil(run.epochs) * (check.images or data.kodak_images) if check.enabled else 0
+    seconds = 0.0 if run.done else run.steps * costs.step_seconds.get(run.method, step_full) \
+        + n_checks * costs.image_seconds
+    return WorkItem("03_adapt", f"{run.method} lambda {run.lmbda:g}", 0 if run.done else run.steps, "step", seconds,
+                    watch=(layout.rate_log(run.method, run.lmbda),) if layout else ())
+
+
+def _evaluation_item(settings: Settings, data: DataPlan, costs: Costs, layout: RunLayout | None) -> WorkItem:
+    """04_evaluate: every learned model on the test images, and the classical codecs at their qualities."""
     n_models = 1 + len(settings.targets) * len(settings.evaluation.methods)
     learned = n_models * data.kodak_images
     classical = data.kodak_images * sum(len((settings.evaluation.qualities or {}).get(c, range(8)))
                                         for c in settings.evaluation.classical)
-    items.append(WorkItem("04_evaluate", "evaluation", learned, "image",
-                          learned * costs.image_seconds + classical * costs.classical_image_seconds, base,
-                          overhead=o, watch=("eval/results.csv",)))
-    items.append(WorkItem("05_figures", "figures and complexity", 1, "task", costs.complexity_seconds, base,
-                          overhead=o))
-    return items
+    return WorkItem("04_evaluate", TASK_LABELS["04_evaluate"], learned, "image",
+                    learned * costs.image_seconds + classical * costs.classical_image_seconds,
+                    watch=(layout.eval_dir / RESULTS_CSV,) if layout else ())
 
 
-# ----------------------------------------------------------------------------- progress
-class Progress:
-    """``alice run``'s one-line progress: work done in steps and images, and an ETA from the plan.
-
-    Remaining time = the notebooks left times their start-up overhead (as long as
-    01_data actually took) plus their planned work scaled by how the finished work
-    compared with its plan (observed / planned), so an estimate measured on a busy
-    machine corrects itself after the first real work. Within an item, progress is
-    read from the file it grows (``metrics.csv`` rows for training, ``results.csv``
-    rows for evaluation) and interpolated in time, never past the item's end.
-    """
-
-    def __init__(self, plan: ExperimentPlan, run_dir: Path, stream=None, enabled: bool = True):
-        from tqdm.auto import tqdm
-
-        self.plan, self.run_dir = plan, Path(run_dir)
-        self.overhead = NOTEBOOK_OVERHEAD
-        self.finished: list[tuple[WorkItem, float]] = []
-        self.index, self.item_started, self.started = 0, time.time(), time.time()
-        self.bar = tqdm(total=max(1, round(sum(i.seconds for i in plan.work))), file=stream, disable=not enabled,
-                        bar_format="{percentage:3.0f}%|{bar:24}| {desc}", mininterval=1.0, dynamic_ncols=True,
-                        desc=f"{len(plan.work)} notebooks, about {format_seconds(sum(i.seconds for i in plan.work))}")
-        self._baseline = 0
-
-    def start(self, index: int) -> None:
-        self.index, self.item_started = index, time.time()
-        self._baseline = self._file_units(self.plan.work[index])
-        self.refresh()
-
-    def finish(self, index: int, seconds: float) -> None:
-        item = self.plan.work[index]
-        if not self.finished:  # the first notebook does almost nothing but start: that is the overhead
-            self.overhead = max(1.0, seconds - item.work_seconds)
-        self.finished.append((item, seconds))
-        self.refresh(done=True)
-
-    def _file_units(self, item: WorkItem) -> int:
-        """Units already visible in the item's files: the last training step of each, or result rows."""
-        return sum(self._units_in(self.run_dir / name, item.unit) for name in item.watch)
-
-    @staticmethod
-    def _units_in(path: Path, unit: str) -> int:
-        try:
-            lines = path.read_text().strip().splitlines()
-        except OSError:
-            return 0
-        if unit == "step" and len(lines) > 1:
-            header = lines[0].split(",")
-            return int(float(lines[-1].split(",")[header.index("step")])) if "step" in header else 0
-        return max(0, len(lines) - 1)
-
-    def _ratio(self) -> float:
-        """Observed over planned seconds of the finished work (1 until there is enough to judge)."""
-        planned = sum(i.work_seconds for i, _ in self.finished)
-        actual = sum(max(0.0, s - self.overhead) for _, s in self.finished)
-        return actual / planned if planned > 5 else 1.0
-
-    def _expected(self, item: WorkItem, ratio: float) -> float:
-        return self.overhead + item.work_seconds * ratio
-
-    def refresh(self, done: bool = False) -> None:
-        item = self.plan.work[self.index]
-        ratio = self._ratio()
-        if done:
-            fraction = 1.0
-        else:
-            seen = (self._file_units(item) - (self._baseline if item.unit == "image" else 0)) / max(1, item.units)
-            timed = (time.time() - self.item_started) / max(1e-6, self._expected(item, ratio))
-            fraction = min(0.99, max(seen, timed))
-        remaining = sum(self._expected(i, ratio) for i in self.plan.work[self.index + 1:]) \
-            + self._expected(item, ratio) * (1 - fraction)
-        self.bar.n = min(self.bar.total, round(sum(i.seconds for i in self.plan.work[:self.index])
-                                               + item.seconds * fraction))
-        units = f" {round(fraction * item.units):,}/{item.units:,} {item.unit}s" if item.unit != "task" else ""
-        self.bar.set_description_str(f"{self.index + 1}/{len(self.plan.work)} {item.notebook} {item.label}{units} | "
-                                     f"{format_seconds(time.time() - self.started)} elapsed, "
-                                     f"ETA {format_seconds(remaining)}", refresh=True)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-__all__ = ["ExperimentPlan", "RunEntry", "DataPlan", "Costs", "WorkItem", "make_plan", "measure_costs",
-           "prior_costs", "plan_data", "training_runs", "work_items", "Progress", "format_seconds"]
+__all__ = ["ExperimentPlan", "RunEntry", "DataPlan", "Costs", "WorkItem", "NotebookCall", "make_plan", "measure_costs",
+           "prior_costs", "plan_data", "training_runs", "work_items", "format_seconds"]

@@ -12,8 +12,9 @@ re-reading nested dicts with their own ``.get(..., default)``. Sections:
 * ``evaluation``  test sets, padding, BD-rate methods, whether curves include the anchor
 * ``complexity``  which model and image the complexity table measures
 
-plus the run-folder layout (:class:`RunLayout`) and the method names
-(:data:`TRAINING_MODES`, :data:`RESULT_LABEL`), each defined once.
+plus the method names (:data:`TRAINING_MODES`, :data:`RESULT_LABEL`), each defined once.
+A run writes its resolved settings once (:func:`save_settings`, into the run folder of
+:mod:`alice_lib.run_folder`); each notebook loads that file back to equal settings.
 
 Overrides use dotted keys (``adapt.epochs=2``, ``data.train_images=8``,
 ``targets=[0.0067]``); :func:`split_parameters` separates them from notebook
@@ -33,11 +34,11 @@ import yaml
 
 from .lora import LoRAConfig
 from .models.stf import STFConfig
+from .run_folder import RunLayout, lmbda_tag
+from .utils import atomic_write_bytes
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROFILE_DIR = PACKAGE_DIR / "profiles"
-REPO_ROOT = PACKAGE_DIR.parent
-OUTPUT_ROOT_ENV = "ALICE_OUTPUT_ROOT"  # runs/ and reports/ go here instead of the repository (tests)
 
 # Method trained per target lambda -> the training mode of lora.mark_trainable / count_parameters.
 TRAINING_MODES: dict[str, str] = {"alice": "lora", "vanilla": "vanilla", "full": "full"}
@@ -47,8 +48,6 @@ RESULT_LABEL: dict[str, str] = {"alice": "alice", "vanilla": "vanilla", "full": 
 EVALUATED_METHODS = ("fixed-rate", "alice", "malice", "vanilla", "full")
 # Where the fixed-rate curve comes from (see ReferenceSettings); ``full``: the ``full`` method's models.
 REFERENCE_SOURCES = ("full", "scratch", "published")
-# Names used before one name per training mode (issue 26), read from older profiles.
-_OLD_NAMES = {"finetune": "full", "full-finetune": "full"}
 SCHEDULES = ("cosine", "plateau", "constant")
 SCHEDULE_UNITS = ("step", "epoch")
 PRECISIONS = ("fp32", "bf16", "auto")
@@ -305,7 +304,11 @@ class ComplexitySettings:
 # ----------------------------------------------------------------------------- the experiment
 @dataclass(frozen=True)
 class Settings:
-    """A whole experiment. ``raw`` is the profile as a dict after overrides (read-only use)."""
+    """A whole experiment, built once per run and read through its typed fields.
+
+    ``raw`` is the profile as a dict after overrides (what :func:`save_settings` writes);
+    equality compares the settings, not ``raw`` or ``source``.
+    """
 
     name: str
     model: ModelSettings
@@ -317,14 +320,7 @@ class Settings:
     complexity: ComplexitySettings
     references: ReferenceSettings = field(default_factory=ReferenceSettings)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
-    source: str = ""
-
-    def __getitem__(self, key: str) -> Any:
-        """Section access by name, for code written against the profile dicts (``spec["targets"]``)."""
-        return self.raw[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.raw.get(key, default)
+    source: str = field(default="", compare=False)  # where it was read from: provenance, not a setting
 
     def result_label(self, method: str) -> str:
         """How a trained method is labelled in results: its name, except that ``full`` is the
@@ -350,89 +346,6 @@ class Settings:
         return tuple(sorted({self.anchor.lmbda, *self.targets}))
 
 
-# ----------------------------------------------------------------------------- the run folder
-def lmbda_tag(lmbda: float) -> str:
-    """A lambda as it appears in file names (``0.0067``)."""
-    return f"{float(lmbda):g}"
-
-
-@dataclass(frozen=True)
-class RunLayout:
-    """Every path of a run folder (``runs/<profile>/``), so no module rebuilds one::
-
-        data.json                           which folders were used, and the counts found
-        models/anchor.safetensors           the frozen base at the anchor lambda
-        models/fixed-rate-<l>.safetensors   fixed-rate references: published, shipped or trained here
-        train/fixed-rate-<l>/               training folder of a model trained here from scratch (anchor, references)
-        rates/<method>-<l>/                 train/ (last.pt, best.pt, metrics.csv), epoch_check.csv,
-                                            adapters.safetensors (alice) or model.safetensors (others)
-        eval/                               results.csv, classical.csv, summary.csv, JSON, bd_rate.csv
-        notebooks/                          the executed notebooks
-    """
-
-    root: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
-
-    @property
-    def data_json(self) -> Path:
-        return self.root / "data.json"
-
-    @property
-    def models_dir(self) -> Path:
-        return self.root / "models"
-
-    @property
-    def anchor(self) -> Path:
-        return self.models_dir / "anchor.safetensors"
-
-    def fixed_rate(self, lmbda: float) -> Path:
-        return self.models_dir / f"fixed-rate-{lmbda_tag(lmbda)}.safetensors"
-
-    def anchor_training(self, lmbda: float) -> Path:
-        return self.root / "train" / f"fixed-rate-{lmbda_tag(lmbda)}"
-
-    def rate_dir(self, method: str, lmbda: float) -> Path:
-        return self.root / "rates" / f"{method}-{lmbda_tag(lmbda)}"
-
-    def rate_training(self, method: str, lmbda: float) -> Path:
-        return self.rate_dir(method, lmbda) / "train"
-
-    def rate_artifact(self, method: str, lmbda: float) -> Path:
-        """ALICE stores only its adapters; vanilla and full store whole weights."""
-        name = "adapters.safetensors" if method == "alice" else "model.safetensors"
-        return self.rate_dir(method, lmbda) / name
-
-    def trained_artifacts(self, method: str) -> list[Path]:
-        """The artefacts of ``method`` present in the folder, any lambda (sorted by folder name)."""
-        return sorted((self.root / "rates").glob(f"{method}-*/{self.rate_artifact(method, 1.0).name}"))
-
-    def epoch_check(self, method: str, lmbda: float) -> Path:
-        return self.rate_dir(method, lmbda) / "epoch_check.csv"
-
-    @property
-    def eval_dir(self) -> Path:
-        return self.root / "eval"
-
-    @property
-    def notebooks_dir(self) -> Path:
-        return self.root / "notebooks"
-
-
-def output_root() -> Path:
-    """Where ``runs/`` and ``reports/`` go: ``$ALICE_OUTPUT_ROOT`` (tests use a fresh one) or the repository."""
-    return Path(os.environ.get(OUTPUT_ROOT_ENV) or REPO_ROOT)
-
-
-def default_run_dir(name: str) -> Path:
-    return output_root() / "runs" / name
-
-
-def default_reports_dir(name: str) -> Path:
-    return output_root() / "reports" / name
-
-
 # ----------------------------------------------------------------------------- loading
 def profile_path(profile: str | os.PathLike) -> Path:
     """A profile name (``smoke``, ``cpu``, ``paper``) or a YAML path, as a path that exists."""
@@ -451,17 +364,39 @@ def load_settings(profile: str | os.PathLike | Mapping | Settings,
     if isinstance(profile, Settings):
         raw, source = copy.deepcopy(dict(profile.raw)), profile.source
     elif isinstance(profile, Mapping):
-        raw, source = copy.deepcopy(dict(profile)), "<dict>"
+        raw, source = _plain(profile), "<dict>"
     else:
         path = profile_path(profile)
         raw, source = yaml.safe_load(path.read_text()) or {}, str(path)
-    raw = _migrate(raw)
     for key, value in (overrides or {}).items():
-        _set_dotted(raw, key, value)
+        _set_dotted(raw, key, _plain(value))  # as a YAML profile would say it: save_settings writes raw
     try:
         return _build(raw, source)
     except (TypeError, ValueError) as error:  # SettingsError, and the models' own config checks
         raise SettingsError(f"profile {source}: {error}") from error
+
+
+def save_settings(settings: Settings, path: str | os.PathLike) -> Path:
+    """Write ``settings`` as a profile YAML (overrides applied) that loads back to equal settings.
+
+    ``alice run`` writes it once into the run folder and gives its path to every notebook,
+    so that all of them run on the same settings even if the profile is edited meanwhile.
+    """
+    text = (f"# The settings of this run: {settings.source}, overrides applied (written by alice run).\n"
+            + yaml.safe_dump(dict(settings.raw), sort_keys=False))
+    atomic_write_bytes(path, text.encode())
+    if load_settings(path) != settings:  # e.g. a value YAML cannot carry
+        raise SettingsError(f"{path} does not load back to the settings it was written from")
+    return Path(path)
+
+
+def _plain(value: Any) -> Any:
+    """Dicts, lists and scalars only, what a YAML profile holds (overrides may bring tuples or paths)."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
 def split_parameters(parameters: Mapping[str, Any] | None) -> tuple[dict, dict]:
@@ -506,33 +441,6 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _migrate(raw: dict) -> dict:
-    """Older profile keys in their current place: validation was in ``anchor.train``, the count was
-    ``data.max_train_images``, the full fine-tune was ``finetune`` / ``full-finetune`` (profiles written
-    before the typed settings keep working)."""
-    raw = dict(raw)
-    data = dict(raw.get("data") or {})
-    anchor = dict(raw.get("anchor") or {})
-    train = dict(anchor.get("train") or {})
-    for old, new in (("val_images", "val_images"), ("val_crop", "val_crop")):
-        if old in train:
-            data.setdefault(new, train.pop(old))
-    if "max_train_images" in data:
-        data.setdefault("train_images", data.pop("max_train_images"))
-    if "train" in data:
-        data.setdefault("train_dir", data.pop("train"))
-    if "kodak" in data:
-        data.setdefault("kodak_dir", data.pop("kodak"))
-    anchor["train"] = train
-    raw.update(data=data, anchor=anchor)
-    references, evaluation = dict(raw.get("references") or {}), dict(raw.get("eval") or {})
-    if "source" in references:
-        raw["references"] = {**references, "source": _OLD_NAMES.get(references["source"], references["source"])}
-    if "methods" in evaluation:
-        raw["eval"] = {**evaluation, "methods": [_OLD_NAMES.get(m, m) for m in evaluation["methods"]]}
-    return raw
-
-
 def _build(raw: dict, source: str) -> Settings:
     unknown = set(raw) - set(_SECTIONS)
     if unknown:
@@ -544,7 +452,7 @@ def _build(raw: dict, source: str) -> Settings:
                           metric=raw.get("metric", "mse"))
     anchor = dict(raw["anchor"])
     anchor_settings = AnchorSettings(lmbda=float(anchor.pop("lmbda")), weights=anchor.pop("weights", None),
-                                     train=_training("anchor.train", anchor.pop("train")))
+                                     train=_training("anchor.train", anchor.pop("train", {})))
     _no_extra("anchor", anchor)
     targets = tuple(float(t) for t in raw["targets"])
     if not targets or any(t <= 0 for t in targets):
@@ -610,8 +518,7 @@ def _evaluation(spec: Mapping) -> EvaluationSettings:
 
 __all__ = [
     "Settings", "ModelSettings", "DataSettings", "AnchorSettings", "TrainingSettings", "AdaptationSettings",
-    "EpochCheck", "EvaluationSettings", "ComplexitySettings", "ReferenceSettings", "REFERENCE_SOURCES", "RunLayout",
-    "SettingsError", "load_settings",
-    "split_parameters", "profile_path", "lmbda_tag", "default_run_dir", "default_reports_dir", "output_root",
-    "TRAINING_MODES", "RESULT_LABEL", "EVALUATED_METHODS", "PROFILE_DIR", "REPO_ROOT", "PACKAGE_DIR",
+    "EpochCheck", "EvaluationSettings", "ComplexitySettings", "ReferenceSettings", "REFERENCE_SOURCES",
+    "SettingsError", "load_settings", "save_settings", "split_parameters", "profile_path",
+    "TRAINING_MODES", "RESULT_LABEL", "EVALUATED_METHODS", "PROFILE_DIR", "PACKAGE_DIR",
 ]

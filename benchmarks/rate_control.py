@@ -34,8 +34,8 @@ from alice_lib.checkpoints import load_stf  # noqa: E402
 from alice_lib.codec import ANCHOR_LMBDA, RateControl  # noqa: E402
 from alice_lib.evaluation.rate_control import (interpolation_bd_rates, measure_intermediate,  # noqa: E402
                                                target_hit_rate)
-from alice_lib.lora import read_adapter_metadata  # noqa: E402
-from alice_lib.settings import RunLayout, default_run_dir  # noqa: E402
+from alice_lib.adapter_files import read_adapter_metadata  # noqa: E402
+from alice_lib.run_folder import RunLayout, default_run_dir  # noqa: E402
 
 
 def rate_control(run_dir: Path, mode: str = "interpolate") -> RateControl:

@@ -1,6 +1,6 @@
 """nbval runs the notebooks on their defaults (the smoke profile): send their run folder and
 reports to a fresh temporary folder, so a test run never resumes from, nor writes into,
-``runs/`` and ``reports/`` of the repository (:data:`alice_lib.settings.OUTPUT_ROOT_ENV`)."""
+``runs/`` and ``reports/`` of the repository (:data:`alice_lib.run_folder.OUTPUT_ROOT_ENV`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 
-from alice_lib.settings import OUTPUT_ROOT_ENV
+from alice_lib.run_folder import OUTPUT_ROOT_ENV
 
 _OWN_ROOT = None
 if not os.environ.get(OUTPUT_ROOT_ENV):  # set before any kernel starts: kernels inherit the environment

@@ -24,12 +24,13 @@ import torch
 from PIL import Image
 
 from alice_lib import codec
+from alice_lib.adapter_files import load_adapters, save_adapters
 from alice_lib.checkpoints import save_stf
 from alice_lib.cli import main
 from alice_lib.codec import (HEADER_SIZE, MAGIC, AliceFormatError, RateControl, compress_to_target,
                              decode, encode, parse_alice, read_alice, serialize_alice, write_alice)
 from alice_lib.data import read_image
-from alice_lib.lora import LoRAConfig, inject_lora, load_adapters, lora_modules, merged_state_dict, save_adapters
+from alice_lib.lora import LoRAConfig, inject_lora, lora_modules, merged_state_dict
 from alice_lib.models.stf import STFConfig, SymmetricalTransFormer
 
 torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""Tests of alice_lib.data: odd image files, Kodak checksums and download, source resolution, summaries."""
+"""Tests of alice_lib.data and .data_sources: odd image files, Kodak checksums and download, sources, summaries."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from alice_lib import data
-from alice_lib.data import (ChecksumError, DataSource, FallbackDataWarning, ImageFolder, NotKodakWarning,
-                            dataset_summary, download_kodak, list_images, read_image, resolve_kodak,
-                            resolve_training, thumbnail_grid, to_rgb, verify_kodak)
+from alice_lib import data, data_sources
+from alice_lib.data import ImageFolder, dataset_summary, list_images, read_image, thumbnail_grid, to_rgb
+from alice_lib.data_sources import (ChecksumError, DataSource, FallbackDataWarning, NotKodakWarning, download_kodak,
+                                    resolve_kodak, resolve_training, verify_kodak)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -40,15 +40,15 @@ def _sha(blob: bytes) -> str:
 def _isolated(monkeypatch, tmp_path):
     """Never touch the real <repo>/data or the network unless a test asks for it."""
     monkeypatch.setenv("ALICE_OFFLINE", "1")
-    monkeypatch.setattr(data, "DATA_ROOT", tmp_path / "repo_data")
-    monkeypatch.setattr(data, "SHARED_ROOT", tmp_path / "no_shared")
+    monkeypatch.setattr(data_sources, "DATA_ROOT", tmp_path / "repo_data")
+    monkeypatch.setattr(data_sources, "SHARED_ROOT", tmp_path / "no_shared")
 
 
 @pytest.fixture
 def fake_kodak(monkeypatch):
     """A two-file 'Kodak' table: (name -> bytes), patched into KODAK_SHA256."""
     files = {"kodim01.png": _png_bytes(seed=1), "kodim02.png": _png_bytes(seed=2)}
-    monkeypatch.setattr(data, "KODAK_SHA256", {name: _sha(blob) for name, blob in files.items()})
+    monkeypatch.setattr(data_sources, "KODAK_SHA256", {name: _sha(blob) for name, blob in files.items()})
     return files
 
 
@@ -229,7 +229,7 @@ def test_cache_is_automatic_small_folders_cached_large_ones_streamed(tmp_path, m
 def test_checksum_table_matches_the_shared_file(kodak_dir):
     listing = kodak_dir.parent / "kodak.sha256"
     table = dict(reversed(line.split()) for line in listing.read_text().splitlines() if line.strip())
-    assert table == data.KODAK_SHA256 and len(table) == 24
+    assert table == data_sources.KODAK_SHA256 and len(table) == 24
 
 
 def test_verify_detects_missing_and_corrupted_files(tmp_path, fake_kodak):
@@ -302,10 +302,10 @@ def test_resolve_kodak_prefers_local_then_shared(tmp_path, monkeypatch, fake_kod
     (shared / "data" / "kodak").mkdir(parents=True)
     for name, blob in fake_kodak.items():
         (shared / "data" / "kodak" / name).write_bytes(blob)
-    monkeypatch.setattr(data, "SHARED_ROOT", shared)
+    monkeypatch.setattr(data_sources, "SHARED_ROOT", shared)
     source = resolve_kodak()
     assert (source.kind, source.path, source.is_kodak) == ("shared", shared / "data" / "kodak", True)
-    assert not (data.DATA_ROOT / "kodak").exists()  # read in place, never copied
+    assert not (data_sources.DATA_ROOT / "kodak").exists()  # read in place, never copied
     local = tmp_path / "repo_data" / "kodak"
     local.mkdir(parents=True)
     for name, blob in fake_kodak.items():
@@ -317,7 +317,7 @@ def test_resolve_kodak_downloads_when_online(tmp_path, monkeypatch, fake_kodak):
     monkeypatch.delenv("ALICE_OFFLINE")
     with _Server(fake_kodak) as server:
         source = resolve_kodak(base_url=server.url, progress=False)
-    assert (source.kind, source.path, source.is_kodak) == ("download", data.DATA_ROOT / "kodak", True)
+    assert (source.kind, source.path, source.is_kodak) == ("download", data_sources.DATA_ROOT / "kodak", True)
     assert verify_kodak(source.path) == []
 
 
@@ -325,9 +325,9 @@ def test_offline_fallback_gives_skimage_photos_and_a_loud_warning(tmp_path):
     with pytest.warns(NotKodakWarning, match="NOT KODAK RESULTS"):
         source = resolve_kodak()
     assert (source.kind, source.is_kodak) == ("fallback", False)
-    assert source.path == data.DATA_ROOT / "fallback"
+    assert source.path == data_sources.DATA_ROOT / "fallback"
     files = list_images(source)
-    assert [p.name for p in files] == sorted(data.FALLBACK_IMAGES.values())
+    assert [p.name for p in files] == sorted(data_sources.FALLBACK_IMAGES.values())
     for path in files:
         with Image.open(path) as image:
             assert image.mode == "RGB" and min(image.size) >= 256
@@ -360,9 +360,9 @@ def test_resolve_training_order(tmp_path, monkeypatch):
     shared = tmp_path / "shared"
     (shared / "data" / "bsds432").mkdir(parents=True)
     Image.fromarray(_rng_rgb(40, 40)).save(shared / "data" / "bsds432" / "1.jpg")
-    monkeypatch.setattr(data, "SHARED_ROOT", shared)
+    monkeypatch.setattr(data_sources, "SHARED_ROOT", shared)
     assert resolve_training().kind == "shared"
-    train = data.DATA_ROOT / "train"
+    train = data_sources.DATA_ROOT / "train"
     train.mkdir(parents=True)
     Image.fromarray(_rng_rgb(40, 40)).save(train / "y.png")
     assert resolve_training().path == train and resolve_training().kind == "local"
@@ -372,8 +372,8 @@ def test_resolve_training_offline_fallback_and_openimages(tmp_path, monkeypatch)
     with pytest.warns(FallbackDataWarning, match="NOT TRAINED ON REAL TRAINING DATA") as caught:
         source = resolve_training()
     assert not any(isinstance(w.message, NotKodakWarning) for w in caught)
-    assert source.kind == "fallback" and len(list_images(source)) == len(data.FALLBACK_IMAGES)
-    with pytest.raises(data.MissingDataError, match=r"openimages/train/data is absent.*ALICE_OFFLINE"):
+    assert source.kind == "fallback" and len(list_images(source)) == len(data_sources.FALLBACK_IMAGES)
+    with pytest.raises(data_sources.MissingDataError, match=r"openimages/train/data is absent.*ALICE_OFFLINE"):
         resolve_training(source="openimages")
     with pytest.warns(UserWarning, match="OpenImages train images are missing"), pytest.warns(FallbackDataWarning):
         assert resolve_training(source="openimages", fallback=True).kind == "fallback"
@@ -393,21 +393,21 @@ def test_download_openimages_without_fiftyone_is_a_clear_error(tmp_path, monkeyp
 
     monkeypatch.setattr(builtins, "__import__", no_fiftyone)
     with pytest.raises(ImportError, match=r"fiftyone, which is not installed: pip install -e '\.\[openimages\]'"):
-        data.download_openimages(tmp_path / "oi", 4)
+        data_sources.download_openimages(tmp_path / "oi", 4)
     monkeypatch.delenv("ALICE_OFFLINE")
     # Online but without fiftyone: the error names the folder and the missing package.
-    with pytest.raises(data.MissingDataError, match=r"is absent; fiftyone is not installed \(pip install -e"):
+    with pytest.raises(data_sources.MissingDataError, match=r"is absent; fiftyone is not installed \(pip install -e"):
         resolve_training(source="openimages")
     shared = tmp_path / "shared"
     (shared / "data" / "bsds432").mkdir(parents=True)
     Image.fromarray(_rng_rgb(40, 40)).save(shared / "data" / "bsds432" / "1.jpg")
-    monkeypatch.setattr(data, "SHARED_ROOT", shared)
+    monkeypatch.setattr(data_sources, "SHARED_ROOT", shared)
     with pytest.warns(UserWarning, match="fiftyone is not installed"):
         assert resolve_training(source="openimages", fallback=True).kind == "shared"
     # Part of the split present: used, with a warning naming both counts.
-    _gradient_folder(data.openimages_dir("test"), 3)
+    _gradient_folder(data_sources.openimages_dir("test"), 3)
     with pytest.warns(UserWarning, match="using 3 OpenImages test images instead of 10,000"):
-        assert data.resolve_openimages("test").path == data.openimages_dir("test")
+        assert data_sources.resolve_openimages("test").path == data_sources.openimages_dir("test")
 
 
 def test_openimages_reference_counts_and_fiftyone_call(tmp_path, monkeypatch):
@@ -415,7 +415,7 @@ def test_openimages_reference_counts_and_fiftyone_call(tmp_path, monkeypatch):
     import tomllib
     import types
 
-    assert (data.OPENIMAGES_TRAIN_IMAGES, data.OPENIMAGES_TEST_IMAGES) == (300_000, 10_000)
+    assert (data_sources.OPENIMAGES_TRAIN_IMAGES, data_sources.OPENIMAGES_TEST_IMAGES) == (300_000, 10_000)
     extras = tomllib.loads((Path(data.__file__).parents[1] / "pyproject.toml").read_text())["project"][
         "optional-dependencies"]
     assert extras["openimages"] == ["fiftyone"]  # an optional extra, not a core dependency
@@ -432,13 +432,14 @@ def test_openimages_reference_counts_and_fiftyone_call(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "fiftyone.zoo", zoo)
     monkeypatch.delenv("ALICE_OFFLINE")
     source = resolve_training(source="openimages", n_images=3)
-    assert source.kind == "download" and source.path == data.openimages_dir("train") and "3 OpenImages" in source.note
+    assert source.kind == "download" and source.path == data_sources.openimages_dir("train")
+    assert "3 OpenImages" in source.note
     name, kwargs = calls[0]
     assert name == "open-images-v6" and kwargs["split"] == "train" and kwargs["max_samples"] == 3
     assert kwargs["label_types"] == ["classifications"] and kwargs["shuffle"] is False  # the reference's subset
     # Present now: found again without a download.
     assert resolve_training(source="openimages", n_images=3).kind == "local" and len(calls) == 1
-    assert data.resolve_openimages("test", 2).path == data.openimages_dir("test")
+    assert data_sources.resolve_openimages("test", 2).path == data_sources.openimages_dir("test")
     assert calls[-1][1]["split"] == "test"
 
 
@@ -461,7 +462,7 @@ def test_dataset_summary_and_thumbnail_grid(tmp_path):
 
 
 def test_resolve_validation_held_out_folder_and_missing(tmp_path):
-    from alice_lib.data import resolve_validation
+    from alice_lib.data_sources import resolve_validation
 
     assert resolve_validation("held_out", tmp_path) is None  # held out of the training folder: no source
     with pytest.raises(FileNotFoundError, match="does not exist"):

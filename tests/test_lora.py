@@ -15,22 +15,19 @@ import yaml
 from safetensors import safe_open
 from torch import nn
 
+from alice_lib.adapter_files import file_sizes, load_adapters, read_adapter_metadata, save_adapters
 from alice_lib.lora import (
     LoRAConfig,
     LoRALinear,
     base_weights_hash,
     count_parameters,
-    file_sizes,
     inject_lora,
-    load_adapters,
     load_lora_state_dict,
     lora_state_dict,
     mark_trainable,
     merge_lora,
     merged_state_dict,
     parameter_table,
-    read_adapter_metadata,
-    save_adapters,
     strip_lora,
     target_names,
     unmerge_lora,

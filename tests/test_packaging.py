@@ -52,3 +52,23 @@ def test_shipped_cpu_models_load_and_fit_the_size_budget():
         assert model.entropy_bottleneck._quantized_cdf.numel() > 0
     shipped = sum(p.stat().st_size for p in (PACKAGE_DIR / "weights").iterdir())
     assert shipped < 60e6, f"alice_lib/weights holds {shipped / 1e6:.1f} MB"
+
+
+def test_no_large_file_is_tracked_outside_weights_and_snapshots():
+    """Optimiser state, full checkpoints and notebooks with embedded images stay out of git (issue 26).
+
+    Only the shipped weights (``alice_lib/weights/``) and the weights-only snapshots of a long
+    training in progress (``snapshots/``) may exceed 2 MB; executed notebooks stay under 200 KB.
+    """
+    import subprocess
+
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    files = [name for name in listed.decode().split("\0") if name and (REPO / name).is_file()]
+    assert files, "git ls-files listed nothing"
+    too_large = [(name, (REPO / name).stat().st_size) for name in files
+                 if not name.startswith(("alice_lib/weights/", "snapshots/"))
+                 and (REPO / name).stat().st_size > 2 * 2**20]
+    assert not too_large, f"tracked files over 2 MB: {too_large}"
+    notebooks = [(name, (REPO / name).stat().st_size) for name in files if name.endswith(".ipynb")
+                 and (REPO / name).stat().st_size > 200 * 1024]
+    assert not notebooks, f"notebooks over 200 KB (strip embedded images and widget state): {notebooks}"

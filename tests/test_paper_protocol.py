@@ -25,7 +25,8 @@ from alice_lib import pipeline as wb
 from alice_lib.checkpoints import save_stf
 from alice_lib.cli import main
 from alice_lib.models.stf import STFConfig, SymmetricalTransFormer
-from alice_lib.settings import PROFILE_DIR, RunLayout, load_settings
+from alice_lib.run_folder import RunLayout
+from alice_lib.settings import PROFILE_DIR, load_settings
 from alice_lib.train import load_checkpoint
 
 REFERENCE_TARGETS = [0.0018, 0.0035, 0.0067, 0.013, 0.025]
@@ -124,7 +125,7 @@ def test_plan_json_carries_the_reference_protocol(capsys):
 
 def test_plan_without_the_data_uses_the_requested_counts_and_says_so(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("ALICE_OFFLINE", "1")
-    monkeypatch.setattr("alice_lib.data.DATA_ROOT", tmp_path)  # no OpenImages there
+    monkeypatch.setattr("alice_lib.data_sources.DATA_ROOT", tmp_path)  # no OpenImages there
     assert main(["plan", "--profile", "paper", "--no-measure", "--run-dir", str(tmp_path / "run")]) == 0
     text = capsys.readouterr().out
     assert "MISSING" in text and "requested count" in text and "281,250" in text
@@ -156,18 +157,21 @@ def test_reference_sources_and_labels():
     assert finetune.references_to_train() == ()  # fine-tunes: nothing trained from scratch
 
 
-def test_the_full_fine_tune_has_one_name_and_older_profiles_keep_loading(tmp_path):
+def test_the_full_fine_tune_has_one_name_and_the_old_names_are_refused(tmp_path):
     """``full`` is the method, its label as a curve of its own and the reference source that uses its models;
-    profiles written with the older names (``finetune``, ``full-finetune``) load with the new ones."""
+    the older names (``finetune``, ``full-finetune``) are refused with the valid choices, not guessed."""
     from alice_lib.settings import EVALUATED_METHODS, REFERENCE_SOURCES, TRAINING_MODES
 
     assert "full" in TRAINING_MODES and "full" in REFERENCE_SOURCES and "full" in EVALUATED_METHODS
     assert not {"finetune", "full-finetune"} & {*REFERENCE_SOURCES, *EVALUATED_METHODS}
     raw = yaml.safe_load((PROFILE_DIR / "smoke.yaml").read_text())
-    raw["references"] = {"source": "finetune"}
-    raw["eval"]["methods"] = ["fixed-rate", "alice", "full-finetune"]
-    old = load_settings(raw)
-    assert old.references.source == "full" and old.evaluation.methods == ("fixed-rate", "alice", "full")
-    assert old.result_label("full") == "fixed-rate" and old.result_label("alice") == "alice"
+    raw["references"] = {"source": "full"}
+    raw["eval"]["methods"] = ["fixed-rate", "alice", "full"]
+    settings = load_settings(raw)
+    assert settings.references.source == "full" and settings.evaluation.methods == ("fixed-rate", "alice", "full")
+    assert settings.result_label("full") == "fixed-rate" and settings.result_label("alice") == "alice"
     with pytest.raises(ValueError, match="references.source: 'finetune' is not one of full, scratch, published"):
-        load_settings("smoke", {"references.source": "finetune"})  # a new command takes the new name
+        load_settings("smoke", {"references.source": "finetune"})
+    raw["eval"]["methods"] = ["fixed-rate", "full-finetune"]
+    with pytest.raises(ValueError, match="full-finetune"):
+        load_settings(raw)

@@ -6,9 +6,12 @@ on an earlier run's artefacts.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import os
 
+import nbformat
 import pandas as pd
 from PIL import Image
 import torch
@@ -16,6 +19,8 @@ import pytest
 
 from alice_lib import pipeline as wb
 from alice_lib.cli import main
+from alice_lib.driver import WIDGET_VIEW, report_files, run_pipeline, strip_notebook
+from alice_lib.settings import PROFILE_DIR, load_settings, save_settings
 
 
 @contextlib.contextmanager
@@ -44,8 +49,8 @@ def smoke_run(tmp_path_factory, kodak_dir):
     root = tmp_path_factory.mktemp("smoke")
     assert not (root / "run").exists()
     with _captured_console(root) as console:
-        reports = wb.run_pipeline("smoke", run_dir=root / "run", reports_dir=root / "reports",
-                                  parameters={"kodak_dir": str(kodak_dir)})
+        reports = run_pipeline("smoke", run_dir=root / "run", reports_dir=root / "reports",
+                               parameters={"kodak_dir": str(kodak_dir)})
     return root / "run", reports, console["text"]
 
 
@@ -61,6 +66,70 @@ def test_driver_runs_every_notebook_and_writes_the_report(smoke_run):
     bd = pd.read_csv(reports / "bd_rate.csv")
     assert {"method", "anchor", "bd_rate_pct", "bd_psnr_db"} <= set(bd.columns)
     assert ("malice", "alice") in set(zip(bd["method"], bd["anchor"]))
+
+
+def test_every_notebook_builds_its_settings_from_the_runs_one_file(smoke_run):
+    run_dir, _, _ = smoke_run
+    settings_file = wb.RunLayout(run_dir).settings_file
+    assert load_settings(settings_file) == wb.load_profile("smoke")
+    for path in (run_dir / "notebooks").glob("*.ipynb"):
+        given = nbformat.read(str(path), as_version=4).metadata.papermill.parameters
+        assert (given["profile"], given["overrides"]) == (str(settings_file), {}), path.name
+
+
+def test_report_notebooks_keep_text_but_not_the_reports_figures_or_widget_state(smoke_run):
+    run_dir, reports, _ = smoke_run
+    figures = report_files(reports)
+    executed = nbformat.read(str(run_dir / "notebooks" / "05_figures.ipynb"), as_version=4)
+    assert _figure_outputs(executed, figures), "the executed notebook shows the report's figures"
+    widgets = 0
+    for path in (reports / "notebooks").glob("*.ipynb"):
+        widgets += _widget_views(nbformat.read(str(run_dir / "notebooks" / path.name), as_version=4))
+        published = nbformat.read(str(path), as_version=4)
+        assert path.stat().st_size < 200_000, (path.name, path.stat().st_size)
+        assert "widgets" not in published.metadata and not _widget_views(published), path.name
+        assert not _figure_outputs(published, figures), path.name
+    assert widgets > 0, "the executed notebooks had widget views to drop"
+    published = nbformat.read(str(reports / "notebooks" / "05_figures.ipynb"), as_version=4)
+    text = "".join(str(out.get("data", {}).get("text/plain", "")) for cell in published.cells
+                   for out in cell.get("outputs", []))
+    assert "[figure: rd_psnr.png, a file of the report]" in text and "bd_rate_pct" in text
+
+
+def _outputs(notebook):
+    return [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
+
+
+def _figure_outputs(notebook, figures) -> list[str]:
+    """The report files whose bytes a notebook embeds as images."""
+    return [figures[digest] for out in _outputs(notebook) for mime, value in out.get("data", {}).items()
+            if mime.startswith("image/") and (digest := hashlib.sha256(base64.b64decode(value)).hexdigest()) in figures]
+
+
+def _widget_views(notebook) -> int:
+    return sum(WIDGET_VIEW in out.get("data", {}) for out in _outputs(notebook))
+
+
+def test_strip_notebook_drops_duplicated_images_and_widgets_and_keeps_the_rest():
+    figure, drawing = b"\x89PNG report figure", b"\x89PNG drawn in the notebook only"
+    encoded = {name: base64.b64encode(blob).decode() for name, blob in (("figure", figure), ("drawing", drawing))}
+    cell = nbformat.v4.new_code_cell("show()", outputs=[
+        nbformat.v4.new_output("stream", text="printed\n"),
+        nbformat.v4.new_output("display_data", data={"image/png": encoded["figure"], "text/plain": "<Image>"},
+                               metadata={"image/png": {"width": 400}}),
+        nbformat.v4.new_output("display_data", data={"image/png": encoded["drawing"], "text/plain": "<Figure>"}),
+        nbformat.v4.new_output("display_data", data={WIDGET_VIEW: {"model_id": "1"}, "text/plain": "m: 0% 0/2"}),
+        nbformat.v4.new_output("display_data", data={WIDGET_VIEW: {"model_id": "2"}}),
+    ])
+    notebook = nbformat.v4.new_notebook(cells=[cell], metadata={"widgets": {"state": {}},
+                                                                "language_info": {"name": "python"}})
+    stripped = strip_notebook(notebook, {hashlib.sha256(figure).hexdigest(): "rd_psnr.png"})
+    outputs = stripped.cells[0].outputs
+    assert "widgets" not in stripped.metadata and "language_info" in stripped.metadata
+    assert [out.get("text") or dict(out.data) for out in outputs] == [
+        "printed\n", {"text/plain": "[figure: rd_psnr.png, a file of the report]"},
+        {"image/png": encoded["drawing"], "text/plain": "<Figure>"}]
+    assert "image/png" not in outputs[1].metadata
 
 
 def test_console_shows_work_units_and_no_kernel_transport_warning(smoke_run):
@@ -135,7 +204,7 @@ def test_references_are_trained_from_scratch_with_the_anchors_recipe(smoke_run):
 def test_second_run_resumes_without_training(smoke_run):
     run_dir, _, _ = smoke_run
     spec = wb.load_profile("smoke")
-    artifact = wb.rate_artifact(run_dir, "alice", spec.targets[0])
+    artifact = wb.RunLayout(run_dir).rate_artifact("alice", spec.targets[0])
     stamp = artifact.stat().st_mtime_ns
     summary = wb.adapt(spec, run_dir, spec.targets[0], "alice", progress=False)
     assert summary["status"] == "already trained"
@@ -158,6 +227,17 @@ def test_unknown_profile_and_method_are_clear_errors(tmp_path):
         wb.load_profile("nonexistent")
     with pytest.raises(wb.PipelineError, match="unknown method"):
         wb.adapt(wb.load_profile("smoke"), tmp_path, 0.0067, "qlora")
+
+
+def test_saved_settings_load_back_equal_with_any_override(tmp_path):
+    settings = wb.load_profile("paper", {"targets": (0.0067, 0.025), "data.val_source": "folder",
+                                         "data.val_dir": tmp_path / "val", "adapt.epochs": 2})
+    path = save_settings(settings, tmp_path / "settings.yaml")
+    again = load_settings(path)
+    assert again == settings and again.targets == (0.0067, 0.025) and again.data.val_dir == str(tmp_path / "val")
+    assert "!!python" not in path.read_text()  # a plain profile, readable by yaml.safe_load
+    assert save_settings(load_settings(path), path).read_text().splitlines()[1:] == \
+        path.read_text().splitlines()[1:]
 
 
 def test_paper_profile_carries_the_published_settings():
@@ -185,7 +265,7 @@ def test_cpu_profile_keeps_its_schedule_and_states_its_choices():
     # the shipped set's recipe; recipe v2 (reports/cpu/recipe-v2-gpu/) sets these to 300 and 0.125
     assert (cpu.anchor.train.hyper_init_gain, cpu.anchor.train.hyper_lr_scale) == (1.0, 1.0)
     assert (cpu.references.source, cpu.references.weights) == ("scratch", "cpu_fixed_{lmbda}.safetensors")
-    text = (wb.PROFILE_DIR / "cpu.yaml").read_text()
+    text = (PROFILE_DIR / "cpu.yaml").read_text()
     for key in ("flip: true", "schedule_unit: step", "val_source: held_out"):
         line = next(line for line in text.splitlines() if key in line)
         assert "#" in line, f"cpu.yaml does not say why {key!r}"

@@ -6,14 +6,22 @@ import io
 
 import pytest
 
-from alice_lib.planning import Costs, Progress, format_seconds, make_plan
+from alice_lib.driver import NotebookRun, Progress, notebook_order
+from alice_lib.planning import Costs, format_seconds, make_plan
+from alice_lib.settings import load_settings
+
+
+def _plan(overrides=None, **kwargs):
+    """``alice plan`` of the smoke profile: the driver's notebooks, estimated."""
+    settings = load_settings("smoke", overrides)
+    return make_plan(settings, notebook_order(settings), {}, requested_only=True, **kwargs)
 
 
 @pytest.fixture
 def smoke_plan(tmp_path):
     costs = Costs("test", {"alice": 1.0, "vanilla": 1.0, "full": 2.0}, image_seconds=3.0, classical_image_seconds=0.1,
                   complexity_seconds=10.0, measured=True)
-    return make_plan("smoke", {}, run_dir=tmp_path / "run", costs=costs, requested_only=True)
+    return _plan(run_dir=tmp_path / "run", costs=costs)
 
 
 def test_plan_lists_every_notebook_with_its_work(smoke_plan):
@@ -31,22 +39,35 @@ def test_plan_lists_every_notebook_with_its_work(smoke_plan):
 
 
 def test_plan_skips_references_the_run_folder_has(tmp_path):
-    from alice_lib.settings import RunLayout
+    from alice_lib.run_folder import RunLayout
 
     run = tmp_path / "run"
     RunLayout(run).fixed_rate(0.0067).parent.mkdir(parents=True)
     RunLayout(run).fixed_rate(0.0067).write_bytes(b"")
-    plan = make_plan("smoke", {}, run_dir=run, measure=False, requested_only=True)
+    plan = _plan(run_dir=run, measure=False)
     assert plan.references["trained_here"] == [0.025]
-    finetune = make_plan("smoke", {"references.source": "full"}, run_dir=run, measure=False,
-                         requested_only=True)
+    finetune = _plan({"references.source": "full"}, run_dir=run, measure=False)
     assert finetune.references == {"source": "full", "trained_here": [], "steps": 0}
     assert finetune.work[1].units == 6
 
 
-def test_progress_rescales_the_estimate_by_the_observed_speed(smoke_plan, tmp_path):
+def test_the_plan_estimates_the_drivers_notebooks_in_the_drivers_order():
+    settings = load_settings("smoke")
+    order = notebook_order(settings)
+    assert [run.output_name for run in order] == [
+        "01_data.ipynb", "02_fixed_rate.ipynb", *(f"03_adapt_{m}_{lmbda:g}.ipynb" for lmbda in settings.targets
+                                                for m in settings.adaptation.methods),
+        "04_evaluate.ipynb", "05_figures.ipynb"]
+    chosen = [order[0], NotebookRun("06_extra"), order[3]]  # whatever the driver runs, the plan follows
+    plan = make_plan(settings, chosen, {}, measure=False, requested_only=True)
+    assert [(w.notebook, w.unit) for w in plan.work] == [("01_data", "task"), ("06_extra", "task"),
+                                                         ("03_adapt", "step")]
+    assert plan.work[2].label == f"vanilla lambda {settings.targets[0]:g}" and plan.work[2].watch == ()
+
+
+def test_progress_rescales_the_estimate_by_the_observed_speed(smoke_plan):
     stream = io.StringIO()
-    progress = Progress(smoke_plan, tmp_path / "run", stream=stream)
+    progress = Progress(smoke_plan, stream=stream)
     first, second = smoke_plan.work[0], smoke_plan.work[1]
     progress.start(0)
     progress.finish(0, first.work_seconds + 7.0)  # 7 s to start a notebook on this machine

@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..lora import base_weights_hash, lora_delta, read_adapter_factors, read_adapter_metadata, remove_lora
+from ..adapter_files import read_adapter_factors, read_adapter_metadata
+from ..lora import base_weights_hash, lora_delta, remove_lora
 from ..models.stf import SymmetricalTransFormer
 
 __all__ = ["ANCHOR_LMBDA", "RATE_MODES", "RateControl", "adapter_hash"]

@@ -49,7 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from ..checkpoints import deterministic_weights_
 from ..lora import inject_lora, merge_lora
 from ..models.stf import STFConfig, SymmetricalTransFormer
-from ..settings import Settings, load_settings
+from ..settings import Settings
 from ..utils import atomic_write, model_device
 from .coding import image_batch, run_decompress, synchronize
 
@@ -256,13 +256,12 @@ def measure_complexity(
     return df
 
 
-def complexity_models(profile: str | Path | Settings) -> dict[str, SymmetricalTransFormer]:
+def complexity_models(settings: Settings) -> dict[str, SymmetricalTransFormer]:
     """STF, STF+ALICE (unmerged) and STF+MALICE for the complexity table.
 
     ``complexity.model: published`` uses the full-size STF with the conformance
     weights rule (timing does not depend on the values); else the profile's size.
     """
-    settings = load_settings(profile)
     config = STFConfig() if settings.complexity.model == "published" else settings.model.stf
     lora = settings.model.lora
 

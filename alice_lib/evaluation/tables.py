@@ -107,12 +107,10 @@ class RowWriter:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         new = not (append and path.exists() and path.stat().st_size > 0)
-        if not new:
-            _upgrade_layout(path)
-            if padding is not None and _other_padding(path, padding):
-                warnings.warn(f"{path} holds rows coded with another padding than {padding!r}: "
-                              "coding every image again", stacklevel=3)
-                new = True
+        if not new and padding is not None and _other_padding(path, padding):
+            warnings.warn(f"{path} holds rows coded with another padding than {padding!r}: "
+                          "coding every image again", stacklevel=3)
+            new = True
         self._file = path.open("w" if new else "a", newline="")
         self._writer = csv.DictWriter(self._file, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
         if new:
@@ -133,25 +131,8 @@ class RowWriter:
         self.close()
 
 
-def _upgrade_layout(path: Path) -> None:
-    """Rewrite a CSV of an older column layout in :data:`RESULT_COLUMNS` order, so resumed rows line up.
-
-    Rows written before the ``padding`` column existed were coded with the model's own
-    edge replication, so they get ``padding = "replicate"``.
-    """
-    with path.open() as fh:
-        header = fh.readline().strip().split(",")
-    if header == RESULT_COLUMNS:
-        return
-    df = read_results(path)
-    if "padding" not in df.columns:
-        df["padding"] = "replicate"
-    df = df.reindex(columns=RESULT_COLUMNS)
-    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
-
-
 def _other_padding(path: Path, padding: str) -> bool:
-    used = read_results(path)["padding"].fillna("replicate").astype(str)
+    used = read_results(path)["padding"].astype(str)
     return bool((used != padding).any())
 
 

@@ -25,7 +25,7 @@ import yaml
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..data import OPENIMAGES_TRAIN_IMAGES, resolve_training, resolve_validation
+from ..data_sources import OPENIMAGES_TRAIN_IMAGES, resolve_training, resolve_validation
 from ..models.stf import STFConfig
 from ..settings import (METRICS, TRAINING_MODES, DataSettings, Settings, TrainingSettings, load_settings,
                         split_parameters)

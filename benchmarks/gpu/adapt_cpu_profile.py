@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from alice_lib.settings import RunLayout
+from alice_lib.run_folder import RunLayout
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -54,11 +54,11 @@ def overrides(steps: int, methods: list[str], checkpoint_every: int, workers: in
 
 def prepare(run_dir: Path, data: str) -> None:
     """A run folder with the shipped anchor and the training photographs (no Kodak needed to adapt)."""
-    from alice_lib import data as data_lib
-    from alice_lib.pipeline import prepare_anchor, record_sources
+    from alice_lib.data_sources import resolve_training
+    from alice_lib.pipeline import load_profile, prepare_anchor, record_sources
 
-    record_sources(run_dir, {"train": data_lib.resolve_training(data, allow_download=False)})
-    prepare_anchor("cpu", run_dir, progress=False)
+    record_sources(run_dir, {"train": resolve_training(data, allow_download=False)})
+    prepare_anchor(load_profile("cpu"), run_dir, progress=False)
 
 
 def worker(run_dir: Path, method: str, lmbda: float, settings_overrides: dict) -> None:

@@ -45,8 +45,9 @@ def complexity(out: Path, image: Path, repeats: int, device: str = "cuda") -> No
 
     from alice_lib.data import read_image
     from alice_lib.evaluation import complexity_models, measure_complexity
+    from alice_lib.settings import load_settings
 
-    models = {name: model.to(device) for name, model in complexity_models("paper").items()}
+    models = {name: model.to(device) for name, model in complexity_models(load_settings("paper")).items()}
     table = measure_complexity(models, read_image(image), repeats=repeats, flops=False)
     table["gpu"] = torch.cuda.get_device_name() if device.startswith("cuda") else "none"
     table["torch"] = torch.__version__

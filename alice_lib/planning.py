@@ -360,7 +360,7 @@ def _step_seconds(model, criterion, batch: int, crop: int, steps: int, device: t
 
 
 # A published-size STF training step at batch 16 of 256 px crops, fp32, measured on one
-# NVIDIA H200 (median of 30 steps, benchmarks/gpu/paper_scale.py; reports/gpu/README.md).
+# NVIDIA H200 (median of 30 steps, benchmarks/gpu/paper_scale.py; docs/gpu.md).
 GPU_STEP_SECONDS = {"alice": 0.134, "vanilla": 0.109, "full": 0.151}
 
 

@@ -262,7 +262,7 @@ def test_cpu_profile_keeps_its_schedule_and_states_its_choices():
     assert cpu.adaptation.training("vanilla") == s  # one budget for every method
     assert (cpu.data.val_source, cpu.data.val_images, cpu.data.val_crop) == ("held_out", 16, 256)
     assert cpu.anchor.weights == "cpu_anchor.safetensors" and cpu.anchor.train.steps == 1600
-    # the shipped set's recipe; recipe v2 (reports/cpu/recipe-v2-gpu/) sets these to 300 and 0.125
+    # the shipped set's recipe; recipe v2 (docs/studies/recipe-v2.md) sets these to 300 and 0.125
     assert (cpu.anchor.train.hyper_init_gain, cpu.anchor.train.hyper_lr_scale) == (1.0, 1.0)
     assert (cpu.references.source, cpu.references.weights) == ("scratch", "cpu_fixed_{lmbda}.safetensors")
     text = (PROFILE_DIR / "cpu.yaml").read_text()

@@ -29,7 +29,8 @@ full-size STF (``STFConfig()``, 99.9M parameters) instead of the CPU profile's; 
 also writes the results (``../shared/GPU.md`` item 2).
 
 Usage: ``.venv/bin/python benchmarks/train_step.py [--steps 8] [--threads 2] [--precision bf16]
-[--stream ../shared/data/bsds432] [--device cuda --size paper --batch-size 16 --crop 256]``.
+[--stream ../shared/data/bsds432] [--device cuda --size paper --batch-size 16 --crop 256]
+[--size e32-d1111-w8 --batch-size 4 --crop 256 --modes full]`` (a pilot candidate of the CPU scale).
 Timings on a shared machine vary with what else runs; compare modes within one run.
 """
 
@@ -44,10 +45,17 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+from cpu_scale_pilot import CANDIDATES  # this folder is on sys.path when a benchmark runs as a script
+
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("lora", "vanilla", "full")
 MODEL = dict(embed_dim=12, depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 6), num_slices=4, drop_path_rate=0.0)
 SIZES = {"cpu": MODEL, "paper": {}}  # paper: STFConfig()'s defaults, the published size
+# The CPU-scale pilot's candidates (benchmarks/cpu_scale_pilot.py), by name: --size e32-d1111-w8
+SIZES.update({name: {**{key: yaml.safe_load(value) for key, value in overrides.items()}, "num_slices": 4,
+                     "drop_path_rate": 0.0}
+              for name, overrides in CANDIDATES.items()})
 
 
 def _rss_mib() -> float:

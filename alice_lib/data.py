@@ -7,7 +7,8 @@
   cannot be read, or are smaller than the crop, are skipped with a warning so that
   one odd file never stops a run. An empty folder is a clear error. Small folders
   are kept decoded in memory; large ones (OpenImages) are decoded per item.
-  :class:`Mosaics` tiles crops into larger training images.
+  :class:`Mosaics` tiles crops into larger training images. :class:`SyntheticImages`
+  makes smooth random images for tests and smoke runs without data.
 * **Looking at a folder.** :func:`count_images`, :func:`dataset_summary` (a table of
   sizes and modes) and :func:`thumbnail_grid` (a matplotlib figure) for the data notebook.
 
@@ -214,6 +215,48 @@ class Mosaics(Dataset):
         tiles = [self.tiles[i] for i in (index, *others)]
         rows = [torch.cat(tiles[r * self.side:(r + 1) * self.side], dim=-1) for r in range(self.side)]
         return torch.cat(rows, dim=-2)
+
+
+
+class SyntheticImages(Dataset):
+    """Smooth random colour images (sums of low-frequency waves), for tests and smoke runs without data.
+
+    Image ``i`` is fixed by ``seed`` and ``i``; ``train=True`` takes a random crop
+    (from torch's global generator, as :class:`alice_lib.data.ImageFolder` does).
+    """
+
+    def __init__(self, count: int, crop: int, size: int | None = None, train: bool = True, seed: int = 0):
+        self.count, self.crop, self.train = count, crop, train
+        self.size = size or crop + crop // 2
+        if self.size < crop:
+            raise ValueError("size must be at least the crop")
+        self._images = [self._make(seed * 1_000_003 + i) for i in range(count)]
+
+    def _make(self, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        coords = torch.linspace(0, 1, self.size)
+        yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+        image = torch.zeros(3, self.size, self.size)
+        for _ in range(4):
+            fx, fy = (torch.rand(2, generator=g) * 6).tolist()
+            phase = float(torch.rand((), generator=g)) * 6.283
+            wave = torch.sin(6.283 * (fx * xx + fy * yy) + phase)
+            image += torch.rand(3, 1, 1, generator=g) * wave
+        image -= image.amin(dim=(1, 2), keepdim=True)
+        image /= image.amax(dim=(1, 2), keepdim=True).clamp_min(1e-6)
+        return (image * 255).round() / 255
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image, c = self._images[index], self.crop
+        if self.train:
+            top = int(torch.randint(0, self.size - c + 1, ()).item())
+            left = int(torch.randint(0, self.size - c + 1, ()).item())
+        else:
+            top = left = (self.size - c) // 2
+        return image[:, top:top + c, left:left + c].clone()
 
 
 # --------------------------------------------------------------------------- inspection

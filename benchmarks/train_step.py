@@ -77,8 +77,9 @@ def measure(mode: str, steps: int, warmup: int, batch_size: int, crop: int, thre
     from torch import nn
 
     from alice_lib import lora
+    from alice_lib.data import SyntheticImages
     from alice_lib.models.stf import STFConfig, SymmetricalTransFormer
-    from alice_lib.train import RateDistortionLoss, SyntheticImages, float_output, split_parameters
+    from alice_lib.train import RateDistortionLoss, float_output, split_parameters
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""The rate explorer (alice_lib/explore.py, notebooks/06_explore.ipynb): what each view claims, checked directly.
+"""The rate explorer (alice_lib/explore/, notebooks/06_explore.ipynb): what each view claims, checked directly.
 
 The shipped CPU weights code a crop of a scikit-image photograph (bundled, so no ../shared
 needed); every number a view shows is recomputed here another way.
@@ -39,13 +39,15 @@ def explorer(photo) -> explore.Explorer:
 
 
 def test_06_is_short_has_one_parameters_cell_and_is_not_in_alice_run():
-    from alice_lib.pipeline import NOTEBOOKS
+    from alice_lib.driver import notebook_order
+    from alice_lib.settings import load_settings
 
     nb = json.loads((REPO / "notebooks" / "06_explore.ipynb").read_text())
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert tagged == code[:1], "exactly one parameters cell, the first code cell"
-    assert "06_explore" not in NOTEBOOKS and all(not n.startswith("06") for n in NOTEBOOKS)
+    order = [run.notebook for run in notebook_order(load_settings("cpu"))]
+    assert order and not any(n.startswith("06") for n in order)
 
 
 # ------------------------------------------------------------------ JPEG at the same bytes
@@ -73,7 +75,7 @@ def test_quality_one_is_shown_and_reported_when_even_it_is_larger(explorer):
     view = ex.view(math.log(0.0018))
     assert not view.jpeg.fits and view.jpeg.quality == 1
     assert view.jpeg.bytes > view.alice.file_bytes
-    assert "LARGER" in view.describe() and "even quality 1" in explore._titles(view)[2]
+    assert "LARGER" in view.describe() and "even quality 1" in explore.drawing._titles(view)[2]
     assert explore.JpegLadder(flat).match(10).quality == 1
 
 
@@ -139,7 +141,7 @@ def test_rd_curves_come_from_the_last_run_else_the_committed_reports(tmp_path, m
     from alice_lib.settings import load_settings
 
     settings = load_settings("cpu")
-    monkeypatch.setattr(explore, "REPO_ROOT", tmp_path / "repo")
+    monkeypatch.setattr(explore.core, "REPO_ROOT", tmp_path / "repo")
     run = tmp_path / "run"
     assert explore.rd_reference(settings, "a.png", run) is None  # no run, no reports
     _tables(tmp_path / "repo" / "reports" / "cpu")
@@ -188,8 +190,8 @@ def test_open_picture_reads_your_file_and_falls_back_without_kodak(tmp_path, mon
     Image.fromarray(photo.permute(1, 2, 0).numpy()).save(own)
     picture = explore.open_picture(own)
     assert torch.equal(picture.pixels, photo) and picture.name == "mine.png"
-    real = explore.resolve_kodak
-    monkeypatch.setattr(explore, "resolve_kodak", lambda preferred, allow_download: real(
+    real = explore.core.resolve_kodak
+    monkeypatch.setattr(explore.core, "resolve_kodak", lambda preferred, allow_download: real(
         preferred, allow_download=allow_download, data_root=tmp_path / "data", shared_root=tmp_path / "none"))
     with pytest.warns(Warning, match="FALLING BACK"):
         picture = explore.open_picture("kodim23.png")

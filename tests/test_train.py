@@ -23,13 +23,13 @@ from torch.utils.data import Dataset, Subset
 
 from alice_lib import cli
 from alice_lib import train as train_mod
+from alice_lib.data import SyntheticImages
 from alice_lib.evaluation.metrics import msssim_window
 from alice_lib.models.stf import STFConfig, SymmetricalTransFormer
 from alice_lib.train import (
     CHECKPOINT_FORMAT,
     NonFiniteLossError,
     RateDistortionLoss,
-    SyntheticImages,
     TrainConfig,
     load_checkpoint,
     load_weights,

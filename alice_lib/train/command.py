@@ -25,6 +25,7 @@ import yaml
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..data import SyntheticImages
 from ..data_sources import OPENIMAGES_TRAIN_IMAGES, resolve_training, resolve_validation
 from ..models.stf import STFConfig
 from ..settings import (METRICS, TRAINING_MODES, DataSettings, Settings, TrainingSettings, load_settings,
@@ -33,7 +34,6 @@ from ..utils import state_dict_hash
 from .config import TrainConfig
 from .loop import train
 from .prepare import ENTROPY_MODEL_ALIAS, also_trained, prepare_method, start_model, training_data
-from .sampling import SyntheticImages
 from .state import dist_info
 
 RANDOM_INIT = "random"  # --init random: random weights whatever the method

@@ -83,7 +83,7 @@ class SeededItems(Dataset):
     """``dataset[index]`` drawn with torch's global generator seeded by ``item_seed``, for items ``(index, item_seed)``.
 
     Random crops (and flips) of :class:`alice_lib.data.ImageFolder` and
-    :class:`SyntheticImages` then depend on the image's place in the epoch only,
+    :class:`alice_lib.data.SyntheticImages` then depend on the image's place in the epoch only,
     not on which DataLoader worker or process loads it. The caller's random state
     is restored afterwards (the main process's noise stream is untouched when
     ``num_workers=0``).
@@ -110,44 +110,3 @@ def auto_workers(config: TrainConfig, device: torch.device, world: int) -> int:
         return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(8, cpus // world - 1))
-
-
-class SyntheticImages(Dataset):
-    """Smooth random colour images (sums of low-frequency waves), for tests and smoke runs without data.
-
-    Image ``i`` is fixed by ``seed`` and ``i``; ``train=True`` takes a random crop
-    (from torch's global generator, as :class:`alice_lib.data.ImageFolder` does).
-    """
-
-    def __init__(self, count: int, crop: int, size: int | None = None, train: bool = True, seed: int = 0):
-        self.count, self.crop, self.train = count, crop, train
-        self.size = size or crop + crop // 2
-        if self.size < crop:
-            raise ValueError("size must be at least the crop")
-        self._images = [self._make(seed * 1_000_003 + i) for i in range(count)]
-
-    def _make(self, seed: int) -> Tensor:
-        g = torch.Generator().manual_seed(seed)
-        coords = torch.linspace(0, 1, self.size)
-        yy, xx = torch.meshgrid(coords, coords, indexing="ij")
-        image = torch.zeros(3, self.size, self.size)
-        for _ in range(4):
-            fx, fy = (torch.rand(2, generator=g) * 6).tolist()
-            phase = float(torch.rand((), generator=g)) * 6.283
-            wave = torch.sin(6.283 * (fx * xx + fy * yy) + phase)
-            image += torch.rand(3, 1, 1, generator=g) * wave
-        image -= image.amin(dim=(1, 2), keepdim=True)
-        image /= image.amax(dim=(1, 2), keepdim=True).clamp_min(1e-6)
-        return (image * 255).round() / 255
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index: int) -> Tensor:
-        image, c = self._images[index], self.crop
-        if self.train:
-            top = int(torch.randint(0, self.size - c + 1, ()).item())
-            left = int(torch.randint(0, self.size - c + 1, ()).item())
-        else:
-            top = left = (self.size - c) // 2
-        return image[:, top:top + c, left:left + c].clone()

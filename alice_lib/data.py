@@ -198,7 +198,7 @@ class Mosaics(Dataset):
     Larger training inputs from small photographs: adapters trained from an anchor with a
     live hyperprior on 256 px crops (a 4x4 hyper-latent, all of it next to the border)
     learn a cost that does not hold inside whole images; 2x2 mosaics remove that effect
-    (``reports/cpu/recipe-v2-gpu/``). The others come from torch's global generator, which
+    (``docs/studies/recipe-v2.md``). The others come from torch's global generator, which
     the training loop seeds per item, so mosaics are reproducible like the crops.
     """
 

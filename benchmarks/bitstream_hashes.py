@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import pandas as pd
     import torch
 
-    from alice_lib.run_folder import lmbda_tag
+    from alice_lib.pipeline import lmbda_tag  # both trees: the pipeline has it (run_folder is newer)
 
     torch.set_num_threads(1)  # the same arithmetic in every run, whatever the machine's load
     print(f"alice_lib from {Path(alice_lib.__file__).parent}")

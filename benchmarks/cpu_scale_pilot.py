@@ -21,6 +21,7 @@ hours, and the slope of its validation loss over the last hour) and ``pilot.png`
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
 import time
@@ -71,6 +72,8 @@ def trained_hours(run_dir: Path) -> float:
 
 
 def train(args: argparse.Namespace) -> None:
+    # A plain kill of the driver must stop its runs too (they resume from their last.pt).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     processes: dict[str, subprocess.Popen] = {}
     for name in args.candidates:
         run_dir = args.root / name

@@ -48,7 +48,7 @@ RESULT_LABEL: dict[str, str] = {"alice": "alice", "vanilla": "vanilla", "full": 
 EVALUATED_METHODS = ("fixed-rate", "alice", "malice", "vanilla", "full")
 # Where the fixed-rate curve comes from (see ReferenceSettings); ``full``: the ``full`` method's models.
 REFERENCE_SOURCES = ("full", "scratch", "published")
-SCHEDULES = ("cosine", "plateau", "constant")
+SCHEDULES = ("cosine", "plateau", "constant", "hold-cosine")
 SCHEDULE_UNITS = ("step", "epoch")
 PRECISIONS = ("fp32", "bf16", "auto")
 METRICS = ("mse", "ms-ssim")
@@ -97,6 +97,7 @@ class TrainingSettings:
     hyper_lr_scale: float = 1.0  # the hyperprior path learns at lr x this (alice_lib/train/hyperprior.py)
     mosaic: int = 1  # >1: each training image is a mosaic x mosaic grid of crops (data.Mosaics)
     average_decay: float = 0.0  # >0: moving average of the weights, validated and shipped (train.WeightAverage)
+    decay_fraction: float = 0.2  # hold-cosine: the last fraction of the steps over which the lr decays to 0
     also_train: tuple[str, ...] = ()  # ablations: modules an adaptation trains as well (train.prepare_method)
 
     def __post_init__(self) -> None:
@@ -117,7 +118,11 @@ class TrainingSettings:
                 raise SettingsError(f"{name} must be positive (1: unchanged), got {getattr(self, name)!r}")
         if not 0 <= float(self.average_decay) < 1:
             raise SettingsError(f"average_decay must be in [0, 1) (0: no average), got {self.average_decay!r}")
+        if not 0 < float(self.decay_fraction) <= 1:
+            raise SettingsError(f"decay_fraction must be in (0, 1], got {self.decay_fraction!r}")
         _choice("schedule", self.schedule, SCHEDULES)
+        if self.schedule == "hold-cosine" and self.schedule_unit != "step":
+            raise SettingsError("schedule: hold-cosine counts steps (schedule_unit: step)")
         _choice("schedule_unit", self.schedule_unit, SCHEDULE_UNITS)
         _choice("precision", self.precision, PRECISIONS)
         if self.schedule_unit == "epoch" and self.epochs is None:

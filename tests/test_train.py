@@ -981,3 +981,26 @@ def test_alice_train_refuses_what_it_cannot_run(tmp_path, capsys):
         assert alice_train(tmp_path, "--synthetic", "4", *options) == 1, options
         assert message in capsys.readouterr().err, options
     assert not (tmp_path / "last.pt").exists()
+
+
+def test_hold_cosine_holds_then_anneals_and_a_constant_run_resumes_into_it(tmp_path, images):
+    # 10 steps, the last 4 annealed: lr after k steps is lr * (1 + cos(pi * max(k - 6, 0) / 4)) / 2.
+    held = TrainConfig(lmbda=0.0483, steps=10, batch_size=2, lr=1e-3, steps_per_epoch=1, schedule="hold-cosine",
+                       decay_fraction=0.4)
+    seen: list[float] = []
+    straight = tiny_model(3)
+    train(straight, images, tmp_path / "straight", held, progress=False,
+          on_epoch_end=lambda row: seen.append(
+              load_checkpoint(tmp_path / "straight" / "last.pt")["optimizer"]["param_groups"][0]["lr"]))
+    expected = [1e-3 * (1 + math.cos(math.pi * max(k - 6, 0) / 4)) / 2 for k in range(1, 11)]
+    assert seen == pytest.approx(expected, abs=1e-12)
+    assert seen[5] == pytest.approx(1e-3) and seen[-1] == pytest.approx(0.0, abs=1e-12)
+    # A run held at a constant rate for 4 steps, resumed as hold-cosine, ends where the straight run ended.
+    constant = TrainConfig(lmbda=0.0483, steps=4, batch_size=2, lr=1e-3, steps_per_epoch=1, schedule="constant")
+    resumed = tiny_model(3)
+    train(resumed, images, tmp_path / "resumed", constant, progress=False)
+    with pytest.warns(UserWarning, match="changed configuration"):
+        train(resumed, images, tmp_path / "resumed", held, progress=False)
+    assert_same_weights(weights(straight), weights(resumed))
+    with pytest.raises(ValueError, match="hold-cosine"):
+        TrainConfig(lmbda=0.0483, steps=10, schedule="hold-cosine", schedule_unit="epoch")

@@ -28,6 +28,9 @@ class TrainConfig:
     process takes ``batch_size // W`` images of every batch (W must divide it), so a
     step sees ``batch_size`` images whatever W is.
 
+    ``schedule``: ``"hold-cosine"`` keeps ``lr`` for the first ``1 - decay_fraction`` of
+    the steps and then anneals it to zero along a cosine (:class:`~.optim.HoldThenCosine`):
+    a long run can be extended while it holds, and a constant run resumes into it.
     ``schedule_unit`` (cosine only): ``"step"`` anneals over ``steps`` and steps the
     schedule after every optimisation step; ``"epoch"`` anneals over the number of
     epochs, ``ceil(steps / steps_per_epoch)``, and steps it once per epoch (the ALICE
@@ -58,7 +61,8 @@ class TrainConfig:
     lr: float = 1e-4
     aux_lr: float = 1e-3
     optimizer: str = "adam"  # "adam" | "sgd"
-    schedule: str = "cosine"  # "cosine" | "plateau" | "constant"
+    schedule: str = "cosine"  # "cosine" | "plateau" | "constant" | "hold-cosine"
+    decay_fraction: float = 0.2  # hold-cosine: the cosine takes the last fraction of the steps
     schedule_unit: str = "step"  # "step" | "epoch" (cosine: T_max in steps or in epochs)
     clip_max_norm: float = 1.0  # 0: no clipping
     metric: str = "mse"  # "mse" | "ms-ssim"
@@ -94,7 +98,7 @@ class TrainConfig:
                    metric=metric, seed=schedule.seed, num_workers=schedule.num_workers,
                    checkpoint_every=schedule.checkpoint_every, checkpoint_frozen=checkpoint_frozen,
                    precision=schedule.precision, tf32=schedule.tf32, hyper_lr_scale=float(schedule.hyper_lr_scale),
-                   average_decay=float(schedule.average_decay))
+                   average_decay=float(schedule.average_decay), decay_fraction=float(schedule.decay_fraction))
 
     def __post_init__(self) -> None:
         choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "schedule_unit": SCHEDULE_UNITS,
@@ -114,6 +118,10 @@ class TrainConfig:
             raise ValueError("clip_max_norm must be >= 0 (0 disables clipping)")
         if not 0 <= self.average_decay < 1:
             raise ValueError("average_decay must be in [0, 1) (0: no moving average)")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError("decay_fraction must be in (0, 1]")
+        if self.schedule == "hold-cosine" and self.schedule_unit != "step":
+            raise ValueError("schedule hold-cosine counts steps (schedule_unit 'step')")
         if not self.hyper_lr_scale > 0:
             raise ValueError("hyper_lr_scale must be positive (1: the hyperprior learns at lr)")
         for name in ("steps_per_epoch", "checkpoint_every"):

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from ..utils import atomic_copy, atomic_save, model_device, psnr_from_mse
 from .config import TrainConfig, resolved_precision
 from .loss import NonFiniteLossError, RateDistortionLoss, float_output, split_parameters, validate
-from .optim import Scheduler, WeightAverage, optimizers, scheduler
+from .optim import Scheduler, WeightAverage, optimizers, scheduler, steps_every_step
 from .sampling import GlobalBatchSampler, SeededItems, auto_workers
 from .state import CHECKPOINT_KEYS, EpochProgress, append_csv, checkpoint, dist_info, last_csv_row, resume_from_last
 
@@ -201,7 +201,7 @@ def _train_step(run: Run, batch: Tensor) -> list[float]:
         run.average.update()
     if run.aux_optimizer is not None:
         _aux_step(run)
-    if isinstance(run.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) and config.schedule_unit == "step":
+    if steps_every_step(config, run.scheduler):
         run.scheduler.step()
     return [out[key].item() for key in run.metric_keys]
 

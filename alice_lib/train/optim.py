@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -25,8 +26,39 @@ def optimizers(config: TrainConfig, model: nn.Module, main: list[nn.Parameter],
     return optimizer, (torch.optim.Adam(aux, lr=config.aux_lr) if aux else None)
 
 
+class HoldThenCosine(torch.optim.lr_scheduler.LambdaLR):
+    """The learning rate held for ``steps - decay`` steps, then a cosine to zero over the last ``decay``.
+
+    The factor is a function of the step alone, so the schedule needs no state of its
+    own: :meth:`seek` puts it at any step, which is how a run resumes into it, from
+    its own checkpoint or from one that trained at a constant rate (a long run is
+    held at ``lr`` while it may still be extended, then ended with the decay).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, steps: int, decay_fraction: float):
+        self.decay = max(1, round(steps * decay_fraction))
+        self.hold = steps - self.decay
+        hold, decay = self.hold, self.decay
+        super().__init__(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(max(step - hold, 0), decay) / decay)))
+
+    def seek(self, step: int) -> None:
+        """The learning rates of ``step`` (steps taken so far) in the optimizer."""
+        self.last_epoch = step
+        self._last_lr = [base * self.lr_lambdas[0](step) for base in self.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+            group["lr"] = lr
+
+
+def steps_every_step(config: TrainConfig, scheduler: Scheduler | None) -> bool:
+    """Whether the schedule advances after every optimisation step (else once per epoch, or never)."""
+    return isinstance(scheduler, HoldThenCosine) or (
+        isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) and config.schedule_unit == "step")
+
+
 def scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Scheduler | None:
-    """Cosine over the steps or over the epochs (``schedule_unit``), plateau per epoch, or none."""
+    """Cosine over the steps or over the epochs (``schedule_unit``), held then cosine, plateau per epoch, or none."""
+    if config.schedule == "hold-cosine":
+        return HoldThenCosine(optimizer, config.steps, config.decay_fraction)
     if config.schedule == "cosine":
         t_max = config.steps if config.schedule_unit == "step" else config.epochs(steps_per_epoch)
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t_max)

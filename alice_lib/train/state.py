@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..utils import atomic_write, tensors_hash
-from .optim import WeightAverage
+from .optim import HoldThenCosine, WeightAverage
 
 if TYPE_CHECKING:  # the loop's state; this module reads and writes it
     from .loop import Run
@@ -181,7 +181,9 @@ def resume_from_last(run: Run) -> EpochProgress:
             run.aux_optimizer.load_state_dict(ckpt["aux_optimizer"])
         else:
             warnings.warn(f"{run.last_path} has no auxiliary optimizer state; the aux optimizer starts afresh")
-    if run.scheduler is not None and ckpt.get("scheduler"):
+    if isinstance(run.scheduler, HoldThenCosine):
+        run.scheduler.seek(int(ckpt["step"]))  # a function of the step: also after a constant-rate start
+    elif run.scheduler is not None and ckpt.get("scheduler"):
         run.scheduler.load_state_dict(ckpt["scheduler"])
     _restore_rng(run, ckpt)
     if run.average is not None:

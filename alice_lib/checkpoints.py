@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 
+from .lora import base_weights_hash
 from .models.stf import STFConfig, SymmetricalTransFormer
 
 # Entropy-coder tables: their shapes depend on the weights (filled by ``update()``).
@@ -203,6 +204,64 @@ def ship_stf(path: str | Path, model: SymmetricalTransFormer, metadata: dict | N
     round_weights_(model, dtype)
     model.eval().update(force=True)
     return save_stf(path, model, {**(metadata or {}), "storage": str(dtype)}, dtype=dtype)
+
+
+WEIGHT_DELTA_FORMAT = "alice-stf-delta-v1"
+
+
+def save_weight_delta(path: str | Path, model: SymmetricalTransFormer, base: SymmetricalTransFormer,
+                      metadata: dict | None = None, dtype: torch.dtype = torch.float16) -> Path:
+    """Save only the weights in which ``model`` differs from ``base``, rounded to ``dtype``.
+
+    How a fine-tune of a few layers ships (the ``vanilla`` baseline changes ``fc1``/``fc2``
+    only): a fraction of a whole model's bytes, tied to its base by the hash of the base's
+    weights (:func:`~alice_lib.lora.base_weights_hash`), like an adapter file.
+    :func:`load_weight_delta` rebuilds the model on that base and refuses any other.
+    """
+    if model.config != base.config:
+        raise ValueError(f"the model ({model.config}) and its base ({base.config}) differ in architecture")
+    base_state = base.state_dict()
+    changed = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous()
+               for k, v in model.state_dict().items()
+               if not is_coder_buffer(k) and not torch.equal(v, base_state[k])}
+    if not changed:
+        raise ValueError("the model does not differ from its base: nothing to save")
+    meta = {"format": WEIGHT_DELTA_FORMAT, "model_config": json.dumps(model.config.to_dict()),
+            "base_hash": base_weights_hash(base), "storage": str(dtype)}
+    meta.update({k: json.dumps(v) if not isinstance(v, str) else v for k, v in (metadata or {}).items()})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(changed, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def load_weight_delta(path: str | Path, base: SymmetricalTransFormer) -> SymmetricalTransFormer:
+    """A model rebuilt from a :func:`save_weight_delta` file on ``base`` (not changed), in eval mode.
+
+    Refused, before anything is built, when ``base`` is not the model the file was saved
+    against (another architecture or other weights). Coder tables are rebuilt.
+    """
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != WEIGHT_DELTA_FORMAT:
+        raise ValueError(f"{path} is not a weight-delta file (format {meta.get('format')!r})")
+    if STFConfig(**json.loads(meta["model_config"])) != base.config:
+        raise ValueError(f"{path} was saved for another architecture than the base model's")
+    if meta["base_hash"] != base_weights_hash(base):
+        raise ValueError(f"{path}: saved against base weights with hash {meta['base_hash']}, but the base "
+                         f"model's weights hash to {base_weights_hash(base)}; load the matching base model")
+    model = SymmetricalTransFormer(base.config)
+    state = base.state_dict()
+    delta = load_file(str(path))
+    unknown = sorted(set(delta) - set(state))
+    if unknown:
+        raise ValueError(f"{path}: tensors the model does not have: {_describe(unknown)}")
+    state.update({k: v.to(state[k].dtype) for k, v in delta.items()})
+    load_state_dict_checked(model, state, source=str(path))
+    model.update(force=True)
+    return model.eval()
 
 
 def round_weights_(model: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -33,6 +33,7 @@ from PIL import Image
 
 from .data import count_images, list_images, to_rgb
 from .run_folder import REPO_ROOT
+from .utils import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -101,15 +102,6 @@ class ChecksumError(ValueError):
 
 
 # --------------------------------------------------------------------------- Kodak
-
-def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def verify_kodak(folder: str | Path, checksums: Mapping[str, str] | None = None) -> list[str]:
     """What is wrong with a Kodak folder: one line per missing or altered file; ``[]`` if complete.

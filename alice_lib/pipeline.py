@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from . import data as data_lib
 from . import data_sources as sources_lib
-from .checkpoints import load_stf, save_stf
+from .checkpoints import load_stf, load_weight_delta, save_stf, save_weight_delta, ship_stf
 from . import evaluation
 from .adapter_files import load_adapters, save_adapters
 from .lora import count_parameters, merge_lora
@@ -35,7 +35,7 @@ from .run_folder import TRAINING_LOG, RunLayout, lmbda_tag
 from .settings import RESULT_LABEL, TRAINING_MODES, Settings, SettingsError, TrainingSettings, load_settings
 from .train import (TrainConfig, load_checkpoint, load_weights, prepare_method, start_model, train,
                     training_data)
-from .utils import atomic_copy, atomic_write_bytes
+from .utils import atomic_copy, atomic_write_bytes, sha256_file
 
 
 class PipelineError(RuntimeError):
@@ -228,7 +228,11 @@ def adapt(settings: Settings, run_dir: str | Path, lmbda: float, method: str, pr
     prepare_method(model, method, lora, schedule)
     summary = {"method": method, "lmbda": lmbda, "artifact": str(out), **count_parameters(model, mode, lora)}
     if out.exists():
-        return {**summary, "status": "already trained"}
+        return {**summary, "status": "shipped" if layout.rate_source(method, lmbda).exists() else "already trained"}
+    shipped = settings.adaptation.shipped_weights(method, lmbda)
+    if shipped is not None and shipped.exists():
+        install_shipped_run(settings, run_dir, method, lmbda)
+        return {**summary, "status": "shipped", "source": str(shipped)}
     train_set, val_set = training_sets(settings, run_dir, schedule)
     model.to(device or "cpu")
     # Only what trains goes into the run's checkpoints (a few hundred kB for ALICE): unfinished runs can be kept.
@@ -250,6 +254,69 @@ def adapt(settings: Settings, run_dir: str | Path, lmbda: float, method: str, pr
         save_stf(out, model, meta)
     return {**summary, "status": "trained", "seconds": round(time.time() - started, 1), "train_images": len(train_set),
             "planned_steps": config.steps, **row}
+
+
+def install_shipped_run(settings: Settings, run_dir: str | Path, method: str, lmbda: float) -> Path:
+    """Put the run the profile ships for (``method``, ``lmbda``) into the run folder, as if trained here.
+
+    The artefact goes where :func:`adapt` would write it (adapters, or a whole model: a
+    ``vanilla`` file holds only the layers it changed and is rebuilt on the run's anchor),
+    the training log into the run's ``train/`` folder, and ``shipped.json`` says where
+    they came from. Adapters and weight deltas are refused unless the run's anchor is
+    the one they were trained on.
+    """
+    shipped = settings.adaptation.shipped_weights(method, lmbda)
+    if shipped is None or not shipped.exists():
+        raise PipelineError(f"the profile ships no {method} run at lambda {lmbda} ({shipped})")
+    layout, anchor = RunLayout(run_dir), load_anchor(run_dir)
+    out = layout.rate_artifact(method, lmbda)
+    try:
+        if method == "alice":
+            load_adapters(shipped, anchor)  # checks the base weights before anything is copied
+            atomic_copy(shipped, out)
+        elif method == "vanilla":
+            save_stf(out, load_weight_delta(shipped, anchor), {"lmbda": lmbda, "method": method,
+                                                               "source": str(shipped)})
+        else:
+            _install_model(shipped, out, lmbda, config=settings.model.stf)
+    except ValueError as error:
+        raise PipelineError(f"the shipped {method} run at lambda {lmbda} does not fit this run's anchor "
+                            f"({error}); run with -p use_shipped=false to train it here") from error
+    log = shipped.with_suffix(".metrics.csv")
+    if log.exists():
+        atomic_copy(log, layout.rate_log(method, lmbda))
+    record = {"source": str(shipped), "sha256": sha256_file(shipped), "training_log": str(log) if log.exists() else None}
+    atomic_write_bytes(layout.rate_source(method, lmbda), json.dumps(record, indent=1).encode())
+    return out
+
+
+def ship_run(settings: Settings, run_dir: str | Path, method: str, lmbda: float,
+             weights_dir: str | Path | None = None) -> Path:
+    """The shipped form of one adaptation run of ``run_dir`` (the inverse of :func:`install_shipped_run`).
+
+    Into ``weights_dir`` (default ``alice_lib/weights``) under the profile's
+    ``adapt.weights`` name: ALICE's adapters as they are, ``vanilla`` as the float16
+    layers it changed against the run's anchor, ``full`` as a float16 model (coder tables
+    built from the stored values); the training log beside it.
+    """
+    layout = RunLayout(run_dir)
+    pattern = settings.adaptation.shipped_weights(method, lmbda)
+    if pattern is None:
+        raise PipelineError("the profile names no adapt.weights to ship under")
+    out = Path(weights_dir or pattern.parent) / pattern.name
+    artifact = layout.rate_artifact(method, lmbda)
+    if not artifact.exists():
+        raise PipelineError(f"{artifact} not found: run notebooks/03_adapt.ipynb with method={method}, lmbda={lmbda}")
+    meta = {"lmbda": lmbda, "method": method, "anchor_lmbda": settings.anchor.lmbda}
+    if method == "alice":
+        atomic_copy(artifact, out)
+    elif method == "vanilla":
+        save_weight_delta(out, load_stf(artifact), load_anchor(run_dir), meta)
+    else:
+        ship_stf(out, load_stf(artifact), meta)
+    if layout.rate_log(method, lmbda).exists():
+        atomic_copy(layout.rate_log(method, lmbda), out.with_suffix(".metrics.csv"))
+    return out
 
 
 def epoch_check(settings: Settings, run_dir: str | Path, model: nn.Module, method: str,

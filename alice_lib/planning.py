@@ -410,12 +410,15 @@ def _reference_runs(settings: Settings, n_train: int, run_dir: Path | None, note
 
 
 def training_runs(settings: Settings, n_train: int, run_dir: Path | None = None) -> list[RunEntry]:
-    """Every adaptation run of the profile, with its steps computed for ``n_train`` images."""
+    """Every adaptation run of the profile, with its steps computed for ``n_train`` images; ``done``
+    when the run folder has it or the profile ships it (03_adapt then trains nothing)."""
     runs = []
     for lmbda in settings.targets:
         for method in settings.adaptation.methods:
-            runs.append(_entry(method, lmbda, settings.adaptation.training(method), n_train,
-                               done=run_dir is not None and RunLayout(run_dir).rate_artifact(method, lmbda).exists()))
+            shipped = settings.adaptation.shipped_weights(method, lmbda)
+            done = ((run_dir is not None and RunLayout(run_dir).rate_artifact(method, lmbda).exists())
+                    or (shipped is not None and shipped.exists()))
+            runs.append(_entry(method, lmbda, settings.adaptation.training(method), n_train, done=done))
     return runs
 
 

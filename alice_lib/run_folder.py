@@ -76,6 +76,10 @@ class RunLayout:
     def rate_log(self, method: str, lmbda: float) -> Path:
         return self.rate_training(method, lmbda) / TRAINING_LOG
 
+    def rate_source(self, method: str, lmbda: float) -> Path:
+        """Present when the run's artefact was installed from shipped weights: where from, and their SHA-256."""
+        return self.rate_dir(method, lmbda) / "shipped.json"
+
     def rate_artifact(self, method: str, lmbda: float) -> Path:
         """ALICE stores only its adapters; vanilla and full store whole weights."""
         name = "adapters.safetensors" if method == "alice" else "model.safetensors"

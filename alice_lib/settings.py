@@ -8,11 +8,14 @@ re-reading nested dicts with their own ``.get(..., default)``. Sections:
 * ``data``        where training / validation / test images come from and how many are asked for
 * ``anchor``      the frozen base model: its lambda, shipped weights, and the budget to train it
 * ``references``  where the fixed-rate curve comes from: published, trained from scratch, or fine-tunes
-* ``adaptation``  the methods trained per target lambda and their schedules (:class:`TrainingSettings`)
+* ``adaptation``  the methods trained per target lambda, their schedules (:class:`TrainingSettings`) and
+                  the runs a profile ships (``adapt.weights``)
 * ``evaluation``  test sets, padding, BD-rate methods, whether curves include the anchor
 * ``complexity``  which model and image the complexity table measures
 
-plus the method names (:data:`TRAINING_MODES`, :data:`RESULT_LABEL`), each defined once.
+and one switch, ``use_shipped`` (default true): false ignores every weight file the profile
+names (anchor, references, adaptation runs), so that a run retrains all of it with the
+profile's recipes. Plus the method names (:data:`TRAINING_MODES`, :data:`RESULT_LABEL`), each defined once.
 A run writes its resolved settings once (:func:`save_settings`, into the run folder of
 :mod:`alice_lib.run_folder`); each notebook loads that file back to equal settings.
 
@@ -26,7 +29,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -253,10 +256,25 @@ class AdaptationSettings:
     methods: tuple[str, ...]
     schedules: Mapping[str, TrainingSettings]
     epoch_check: EpochCheck = field(default_factory=EpochCheck)
+    weights: str | None = None  # shipped runs: a file-name pattern with {method} and {lmbda} in alice_lib/weights
 
     def __post_init__(self) -> None:
         for method in self.methods:
             _choice("adapt.methods", method, tuple(TRAINING_MODES))
+        if self.weights is not None and not ("{method}" in self.weights and "{lmbda}" in self.weights):
+            raise SettingsError("adapt.weights must contain '{method}' and '{lmbda}', "
+                                "e.g. cpu_{method}_{lmbda}.safetensors")
+
+    def shipped_weights(self, method: str, lmbda: float) -> Path | None:
+        """The file the profile ships for one adaptation run (it may not exist yet), or None.
+
+        ``alice``: its adapter file; ``vanilla``: the fine-tuned ``fc1``/``fc2`` weights
+        (:func:`~alice_lib.checkpoints.save_weight_delta`); ``full``: a whole model. Each
+        with its training log beside it (``<name>.metrics.csv``).
+        """
+        if self.weights is None:
+            return None
+        return PACKAGE_DIR / "weights" / self.weights.format(method=method, lmbda=lmbda_tag(lmbda))
 
     def training(self, method: str) -> TrainingSettings:
         """The schedule of one method (the section's common keys with the method's own on top)."""
@@ -324,6 +342,7 @@ class Settings:
     evaluation: EvaluationSettings
     complexity: ComplexitySettings
     references: ReferenceSettings = field(default_factory=ReferenceSettings)
+    use_shipped: bool = True  # False: every weight file the profile names is ignored and trained here instead
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
     source: str = field(default="", compare=False)  # where it was read from: provenance, not a setting
 
@@ -423,7 +442,7 @@ def split_parameters(parameters: Mapping[str, Any] | None) -> tuple[dict, dict]:
 
 
 _SECTIONS = ("name", "model", "lora", "metric", "data", "anchor", "references", "targets", "adapt", "eval",
-             "complexity")
+             "complexity", "use_shipped")
 _TRAINING_KEYS = {f.name for f in fields(TrainingSettings)}
 
 
@@ -455,19 +474,28 @@ def _build(raw: dict, source: str) -> Settings:
             raise SettingsError(f"lacks the section {key!r}")
     model = ModelSettings(stf=STFConfig(**(raw.get("model") or {})), lora=_lora(raw.get("lora", "lora_8_8.yaml")),
                           metric=raw.get("metric", "mse"))
+    use_shipped = raw.get("use_shipped", True)
+    if not isinstance(use_shipped, bool):
+        raise SettingsError(f"use_shipped must be true or false, got {use_shipped!r}")
     anchor = dict(raw["anchor"])
-    anchor_settings = AnchorSettings(lmbda=float(anchor.pop("lmbda")), weights=anchor.pop("weights", None),
+    weights = anchor.pop("weights", None)
+    anchor_settings = AnchorSettings(lmbda=float(anchor.pop("lmbda")), weights=weights if use_shipped else None,
                                      train=_training("anchor.train", anchor.pop("train", {})))
     _no_extra("anchor", anchor)
     targets = tuple(float(t) for t in raw["targets"])
     if not targets or any(t <= 0 for t in targets):
         raise SettingsError(f"targets must be positive lambdas, got {raw['targets']!r}")
     return Settings(name=str(raw["name"]), model=model, data=_section(DataSettings, "data", raw.get("data")),
-                    anchor=anchor_settings, targets=targets, adaptation=_adaptation(raw["adapt"]),
+                    anchor=anchor_settings, targets=targets, adaptation=_adaptation(raw["adapt"], use_shipped),
                     evaluation=_evaluation(raw.get("eval") or {}),
                     complexity=_section(ComplexitySettings, "complexity", raw.get("complexity")),
-                    references=_section(ReferenceSettings, "references", raw.get("references")),
+                    references=_references(raw.get("references"), use_shipped), use_shipped=use_shipped,
                     raw=raw, source=source)
+
+
+def _references(spec: Mapping | None, use_shipped: bool) -> ReferenceSettings:
+    references = _section(ReferenceSettings, "references", spec)
+    return references if use_shipped else replace(references, weights=None)
 
 
 def _lora(spec: str | Mapping) -> LoRAConfig:
@@ -500,15 +528,17 @@ def _training(name: str, spec: Mapping) -> TrainingSettings:
         raise SettingsError(f"{name}: {error}") from error
 
 
-def _adaptation(spec: Mapping) -> AdaptationSettings:
+def _adaptation(spec: Mapping, use_shipped: bool = True) -> AdaptationSettings:
     spec = dict(spec)
+    weights = spec.pop("weights", None)
     methods = tuple(spec.pop("methods", tuple(TRAINING_MODES)))
     per_method = {m: dict(spec.pop(m) or {}) for m in TRAINING_MODES if m in spec}
     check = spec.pop("epoch_check", {}) or {}
     check = EpochCheck(**check) if isinstance(check, Mapping) else EpochCheck(enabled=bool(check))
     # Every method gets a schedule, listed or not: a notebook may train one the profile does not list.
     schedules = {m: _training(f"adapt.{m}", {**spec, **per_method.get(m, {})}) for m in TRAINING_MODES}
-    return AdaptationSettings(methods=methods, schedules=schedules, epoch_check=check)
+    return AdaptationSettings(methods=methods, schedules=schedules, epoch_check=check,
+                              weights=weights if use_shipped else None)
 
 
 def _evaluation(spec: Mapping) -> EvaluationSettings:

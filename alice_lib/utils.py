@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
-    "atomic_write", "atomic_write_bytes", "atomic_save", "atomic_copy", "same_file",
+    "atomic_write", "atomic_write_bytes", "atomic_save", "atomic_copy", "same_file", "sha256_file",
     "tensors_hash", "state_dict_hash", "to_uint8", "bits_from_likelihoods", "bpp_from_likelihoods",
     "model_device", "psnr_from_mse",
 ]
@@ -95,6 +95,15 @@ def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> Path:
 
 
 # ---------------------------------------------------------------------------- hashing
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def tensors_hash(tensors: Mapping[str, Tensor], *extra: str) -> str:
     """SHA-256 (hex) of named tensors: names, dtypes, shapes and bytes, in name order; equal iff they are.
 

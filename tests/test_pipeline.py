@@ -269,3 +269,59 @@ def test_cpu_profile_keeps_its_schedule_and_states_its_choices():
     for key in ("flip: true", "schedule_unit: step", "val_source: held_out"):
         line = next(line for line in text.splitlines() if key in line)
         assert "#" in line, f"cpu.yaml does not say why {key!r}"
+
+
+def test_shipped_runs_are_installed_instead_of_trained_and_refused_on_another_anchor(smoke_run, tmp_path):
+    from safetensors import safe_open
+
+    from alice_lib.checkpoints import load_stf, save_stf
+
+    run_dir, _, _ = smoke_run
+    spec = load_settings("smoke", {"adapt.weights": str(tmp_path / "weights" / "smoke_{method}_{lmbda}.safetensors")})
+    lmbda, methods = spec.targets[0], ("alice", "vanilla", "full")
+    shipped = {m: wb.ship_run(spec, run_dir, m, lmbda) for m in methods}
+    assert all(p.with_suffix(".metrics.csv").exists() for p in shipped.values())
+    with safe_open(str(shipped["vanilla"]), framework="pt") as f:  # vanilla ships the layers it changed, in fp16
+        keys = list(f.keys())
+        assert keys and all(".fc1." in k or ".fc2." in k for k in keys) and f.get_tensor(keys[0]).dtype == torch.float16
+    assert shipped["vanilla"].stat().st_size < shipped["full"].stat().st_size / 2
+
+    fresh = wb.RunLayout(tmp_path / "fresh")
+    fresh.models_dir.mkdir(parents=True)
+    fresh.anchor.write_bytes(wb.RunLayout(run_dir).anchor.read_bytes())
+    for method in methods:
+        summary = wb.adapt(spec, fresh.root, lmbda, method, progress=False)
+        assert summary["status"] == "shipped" and summary["source"] == str(shipped[method])
+        assert not (fresh.rate_training(method, lmbda) / "last.pt").exists()  # nothing trained
+        assert fresh.rate_log(method, lmbda).read_bytes() == wb.RunLayout(run_dir).rate_log(method, lmbda).read_bytes()
+        assert wb.adapt(spec, fresh.root, lmbda, method, progress=False)["status"] == "shipped"
+    trained, installed = (wb.load_rate_model(folder, "vanilla", lmbda) for folder in (run_dir, fresh.root))
+    for name, value in trained.state_dict().items():  # the same model, up to the fp16 storage of what changed
+        expected = value.half().float() if (".fc1." in name or ".fc2." in name) and value.is_floating_point() else value
+        assert torch.equal(installed.state_dict()[name], expected), name
+    assert (fresh.rate_artifact("alice", lmbda).read_bytes()
+            == wb.RunLayout(run_dir).rate_artifact("alice", lmbda).read_bytes())
+
+    assert load_settings("smoke", {**dict(spec.raw), "use_shipped": False}).adaptation.shipped_weights("alice", lmbda) \
+        is None
+    other = wb.RunLayout(tmp_path / "other")  # another anchor: adapters and weight deltas do not fit it
+    anchor = load_stf(wb.RunLayout(run_dir).anchor)
+    with torch.no_grad():
+        anchor.layers[0].blocks[0].mlp.fc1.weight.add_(1e-3)
+    save_stf(other.anchor, anchor)
+    for method in ("alice", "vanilla"):
+        with pytest.raises(wb.PipelineError, match="does not fit this run's anchor"):
+            wb.adapt(spec, other.root, lmbda, method, progress=False)
+        assert not other.rate_artifact(method, lmbda).exists()
+
+
+def test_use_shipped_switches_off_every_weight_file_and_bad_values_are_refused():
+    shipped = load_settings("cpu", {"adapt.weights": "cpu_{method}_{lmbda}.safetensors"})
+    assert shipped.use_shipped and shipped.anchor.weights and shipped.references.weights
+    retrain = load_settings("cpu", {"adapt.weights": "cpu_{method}_{lmbda}.safetensors", "use_shipped": False})
+    assert (retrain.anchor.weights, retrain.references.weights, retrain.adaptation.weights) == (None, None, None)
+    assert retrain.anchor.train == shipped.anchor.train  # the same recipes, trained here
+    with pytest.raises(wb.SettingsError, match="use_shipped must be true or false"):
+        load_settings("cpu", {"use_shipped": "no"})
+    with pytest.raises(wb.SettingsError, match=r"\{method\}"):
+        load_settings("cpu", {"adapt.weights": "cpu_{lmbda}.safetensors"})

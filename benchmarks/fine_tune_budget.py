@@ -1,0 +1,106 @@
+"""The adaptation budget of the CPU scale, measured: the full fine-tune from the anchor at lambda 0.0018.
+
+Issue 25's rule: on the validation objective (``lambda * 255^2 * MSE + bpp`` on the
+held-out crops) of every weight fine-tuned from the anchor at the lowest target lambda,
+the budget is the first N with ``obj(2N) > 0.99 * obj(N)``: doubling the steps would
+gain less than one per cent. ALICE, vanilla and the references then all train N steps
+with one schedule.
+
+The run is ``alice train --method full`` on the chosen CPU size (``cpu_scale_pilot.py``)
+at a constant learning rate (a schedule of a given length would decide the curve's
+shape in advance), validating every ``--every`` steps; it resumes where it stopped.
+
+    python benchmarks/fine_tune_budget.py train --init ANCHOR.safetensors --root runs/budget --steps 4000
+    python benchmarks/fine_tune_budget.py report --root runs/budget --out docs/cpu-scale/budget
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_scale_pilot import CANDIDATES, DEFAULT_DATA, ROOT  # noqa: E402  (the chosen size's overrides)
+
+LMBDA = 0.0018
+SIZE = "e32-d1111-w8"
+
+
+def budget(steps: list[int], objective: list[float], tolerance: float = 0.01) -> int | None:
+    """The first N (a validated step whose double was validated too) with obj(2N) > (1 - tolerance) * obj(N)."""
+    at = dict(zip(steps, objective))
+    for n in sorted(at):
+        if 2 * n in at and at[2 * n] > (1 - tolerance) * at[n]:
+            return n
+    return None
+
+
+def train_command(args: argparse.Namespace) -> list[str]:
+    schedule = {"batch_size": 4, "crop": 256, "lr": args.lr, "schedule": "constant", "steps": args.steps,
+                "validate_every": args.every, "checkpoint_every": 50, "average_decay": args.average_decay,
+                "precision": "fp32", "seed": 0}
+    overrides = {"data.train_dir": str(args.data), "data.val_images": 16, "data.val_crop": 256,
+                 **{f"adapt.full.{k}": v for k, v in schedule.items()},
+                 **{f"model.{k}": v for k, v in CANDIDATES[SIZE].items()}}
+    return [sys.executable, "-m", "alice_lib.cli", "train", "--profile", "cpu", "--method", "full",
+            "--lmbda", str(LMBDA), "--init", str(args.init), "--train-dir", str(args.root),
+            "--threads", str(args.threads), "--no-progress",
+            *[arg for key, value in overrides.items() for arg in ("-p", f"{key}={value}")]]
+
+
+def report(args: argparse.Namespace) -> int | None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    log = pd.read_csv(args.root / "metrics.csv")
+    n = budget(log["step"].tolist(), log["val_loss"].tolist(), args.tolerance)
+    at = dict(zip(log["step"], log["val_loss"]))
+    table = pd.DataFrame([{"N": s, "obj_N": at[s], "obj_2N": at[2 * s], "ratio": at[2 * s] / at[s]}
+                          for s in sorted(at) if 2 * s in at])
+    args.out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.out / "budget.csv", index=False)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(log["step"], log["val_loss"], marker=".")
+    if n is not None:
+        ax.axvline(n, color="gray", linestyle="--", label=f"N = {n}: obj(2N) > 0.99 obj(N)")
+        ax.legend()
+    ax.set(xscale="log", xlabel="fine-tuning steps (full model, lambda 0.0018)",
+           ylabel="validation objective (λ·255²·MSE + bpp)")
+    fig.tight_layout()
+    fig.savefig(args.out / "budget.png", dpi=120)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"budget N = {n}" if n is not None else "no N yet: train longer")
+    print(f"written: {args.out / 'budget.csv'}, {args.out / 'budget.png'}")
+    return n
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=("train", "report"))
+    parser.add_argument("--root", type=Path, default=ROOT / "runs" / "fine-tune-budget")
+    parser.add_argument("--init", type=Path, help="train: the anchor's weights (a model file)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--every", type=int, default=100, help="validate every N steps")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--average-decay", type=float, default=0.99)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tolerance", type=float, default=0.01)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "cpu-scale" / "budget")
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        if args.init is None:
+            parser.error("train needs --init (the anchor's weights)")
+        args.root.mkdir(parents=True, exist_ok=True)
+        with open(args.root / "train.log", "a") as log:
+            sys.exit(subprocess.call(train_command(args), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
+    report(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -125,17 +125,19 @@ def train_from_scratch(settings: Settings, run_dir: str | Path, lmbda: float, ou
 
 
 def export_trained(folder: str | Path, out_path: str | Path) -> Path:
-    """The best checkpoint of a fixed-rate training folder as a safetensors model file.
+    """The best checkpoint of a fixed-rate training folder as a float16 model file, as models ship.
 
-    Its ``metrics.csv`` is copied beside it (``<name>.metrics.csv``), so that a shipped
-    model keeps its training log.
+    The weights (the moving average where the run kept one) are rounded to float16 and the
+    coder tables built from the stored values (:func:`~alice_lib.checkpoints.ship_stf`), so
+    that a model trained here is the same kind of file as the one a profile ships, and
+    adapters trained on it fit the shipped form. Its ``metrics.csv`` is copied beside it
+    (``<name>.metrics.csv``), so that a shipped model keeps its training log.
     """
     folder, out_path = Path(folder), Path(out_path)
     best = load_checkpoint(folder / "best.pt")
     model = SymmetricalTransFormer(STFConfig(**best["model_config"]))
     load_weights(model, best, folder / "best.pt", averaged=True)
-    model.update(force=True)
-    path = save_stf(out_path, model, {"lmbda": best["lmbda"], "trained_steps": best["step"],
+    path = ship_stf(out_path, model, {"lmbda": best["lmbda"], "trained_steps": best["step"],
                                       "best_val_loss": best["best_loss"]})
     atomic_copy(folder / TRAINING_LOG, out_path.with_suffix(".metrics.csv"))
     return path

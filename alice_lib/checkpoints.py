@@ -177,14 +177,17 @@ def save_stf(path: str | Path, model: SymmetricalTransFormer, metadata: dict | N
              dtype: torch.dtype = torch.float32) -> Path:
     """Save weights as safetensors with the model configuration in the metadata (written atomically).
 
-    ``dtype=torch.float16`` stores the floating-point weights in half precision (half
-    the bytes); call it on a model whose coder tables were built from those rounded
-    values (:func:`round_weights_`), so that encoder and decoder load the same numbers.
+    ``dtype=torch.float16`` stores the parameters in half precision (half the bytes);
+    call it on a model whose coder tables were built from those rounded values
+    (:func:`round_weights_`), so that encoder and decoder load the same numbers. Buffers
+    keep their precision: the entropy model's constants (scale table, likelihood bound
+    1e-9, which float16 would round to 0 and a later fine-tune turn into an infinite rate).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    parameters = {name for name, _ in model.named_parameters()}
     # Coder tables are saved too: decoding then uses exactly the encoder's CDFs.
-    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous()
+    tensors = {k: (v.to(dtype) if k in parameters and v.is_floating_point() else v).detach().contiguous()
                for k, v in model.state_dict().items()}
     meta = {"format": "alice-stf-v1", "model_config": json.dumps(model.config.to_dict())}
     meta.update({k: json.dumps(v) if not isinstance(v, str) else v for k, v in (metadata or {}).items()})
@@ -265,9 +268,9 @@ def load_weight_delta(path: str | Path, base: SymmetricalTransFormer) -> Symmetr
 
 
 def round_weights_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Round every floating-point parameter and buffer to ``dtype`` and back, in place."""
+    """Round every floating-point parameter to ``dtype`` and back, in place (buffers, constants, stay)."""
     with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
+        for tensor in model.parameters():
             if tensor.is_floating_point():
                 tensor.copy_(tensor.to(dtype))
     return model

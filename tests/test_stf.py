@@ -218,10 +218,17 @@ def test_half_precision_storage_codes_like_the_rounded_model(tmp_path):
     full = save_stf(tmp_path / "full.safetensors", model)
     half = ship_stf(tmp_path / "half.safetensors", model, {"lmbda": 0.0018}, dtype=torch.float16)
     assert read_checkpoint(half)[2]["storage"] == "torch.float16"
-    float_bytes = sum(p.numel() * 4 for p in model.state_dict().values() if p.is_floating_point())
+    float_bytes = sum(p.numel() * 4 for p in model.parameters())
     assert full.stat().st_size - half.stat().st_size == pytest.approx(float_bytes / 2, rel=0.01)
     loaded = load_stf(half)
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    # The entropy model's constants stay float32: the likelihood bound (1e-9) would be 0 in float16,
+    # and a model fine-tuned from the file would see an infinite rate.
+    assert loaded.gaussian_conditional.likelihood_lower_bound.bound.item() == pytest.approx(1e-9)
+    assert torch.equal(loaded.gaussian_conditional.scale_table, model.gaussian_conditional.scale_table)
+    likelihoods = loaded.train()(torch.rand(1, 3, 64, 64))["likelihoods"]
+    assert all(v.min() > 0 for v in likelihoods.values())
+    loaded.eval()
     x = torch.rand(1, 3, 64, 64)
     a = model.compress(x)
     assert a["strings"] == loaded.compress(x)["strings"]

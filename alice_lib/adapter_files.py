@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
+import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -25,8 +26,11 @@ ADAPTER_FORMAT_VERSION = 1
 
 
 def save_adapters(path: str | os.PathLike, model: nn.Module, *, lmbda: float, config: LoRAConfig,
-                  extra_metadata: dict[str, Any] | None = None) -> Path:
+                  extra_metadata: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32) -> Path:
     """Write only the adapter tensors, with metadata, to a safetensors file (atomically).
+
+    ``dtype=torch.float16`` halves the file (how the CPU profile ships them); loading
+    casts back to the model's precision.
 
     Metadata (JSON strings): ``format``, ``format_version``, ``lambda``,
     ``lora_config``, ``base_hash`` (:func:`base_weights_hash` of the model the
@@ -38,7 +42,7 @@ def save_adapters(path: str | os.PathLike, model: nn.Module, *, lmbda: float, co
     if (set(target_names(model, config)) != set(lora_modules(model))
             or (present.r, present.alpha) != (config.r, config.alpha)):
         raise ValueError("the given LoRA config does not describe the adapters in the model")
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in lora_state_dict(model).items()}
+    tensors = {k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in lora_state_dict(model).items()}
     metadata = {
         "format": ADAPTER_FORMAT,
         "format_version": json.dumps(ADAPTER_FORMAT_VERSION),

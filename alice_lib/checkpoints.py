@@ -88,8 +88,8 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict[str, Tensor],
     Keys the model lacks are reported (``LoadReport.unused_keys``, and a warning)
     rather than failing, as published files may carry modules STF does not use;
     keys the model needs but the file lacks, and any shape difference, raise
-    :class:`CheckpointMismatchError`. Entropy-coder tables may differ in shape
-    may differ in shape or be absent (``update()`` rebuilds them).
+    :class:`CheckpointMismatchError`. Entropy-coder tables may differ in shape or be
+    absent (``update()`` rebuilds them).
     """
     state_dict, renamed = normalise_keys(state_dict)
     expected = model.state_dict()
@@ -214,19 +214,27 @@ WEIGHT_DELTA_FORMAT = "alice-stf-delta-v1"
 
 def save_weight_delta(path: str | Path, model: SymmetricalTransFormer, base: SymmetricalTransFormer,
                       metadata: dict | None = None, dtype: torch.dtype = torch.float16) -> Path:
-    """Save only the weights in which ``model`` differs from ``base``, rounded to ``dtype``.
+    """Save only what of ``model`` differs from ``base``: parameters in ``dtype``, buffers as they are.
 
-    How a fine-tune of a few layers ships (the ``vanilla`` baseline changes ``fc1``/``fc2``
-    only): a fraction of a whole model's bytes, tied to its base by the hash of the base's
-    weights (:func:`~alice_lib.lora.base_weights_hash`), like an adapter file.
-    :func:`load_weight_delta` rebuilds the model on that base and refuses any other.
+    How a model fine-tuned from the anchor ships: ``vanilla`` changes ``fc1``/``fc2``
+    only (about two fifths of the CPU-scale model), a ``full`` fine-tune every parameter
+    but none of the constants (window indexes, the Gaussian coder's table). Call it on a
+    model rounded to ``dtype`` with its coder tables rebuilt (:func:`round_weights_`,
+    ``update(force=True)``): tables that differ from the base's are stored, so a file
+    decodes with exactly the tables it was encoded with. Tied to its base by the hash
+    of the base's weights (:func:`~alice_lib.lora.base_weights_hash`), like an adapter
+    file; :func:`load_weight_delta` rebuilds the model on that base and refuses any other.
     """
     if model.config != base.config:
         raise ValueError(f"the model ({model.config}) and its base ({base.config}) differ in architecture")
+    parameters = {name for name, _ in model.named_parameters()}
     base_state = base.state_dict()
-    changed = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous()
-               for k, v in model.state_dict().items()
-               if not is_coder_buffer(k) and not torch.equal(v, base_state[k])}
+    changed = {}
+    for key, value in model.state_dict().items():
+        old = base_state[key]
+        if value.shape != old.shape or not torch.equal(value, old):
+            stored = value.to(dtype) if key in parameters and value.is_floating_point() else value
+            changed[key] = stored.detach().contiguous()
     if not changed:
         raise ValueError("the model does not differ from its base: nothing to save")
     meta = {"format": WEIGHT_DELTA_FORMAT, "model_config": json.dumps(model.config.to_dict()),
@@ -241,10 +249,11 @@ def save_weight_delta(path: str | Path, model: SymmetricalTransFormer, base: Sym
 
 
 def load_weight_delta(path: str | Path, base: SymmetricalTransFormer) -> SymmetricalTransFormer:
-    """A model rebuilt from a :func:`save_weight_delta` file on ``base`` (not changed), in eval mode.
+    """The model of a :func:`save_weight_delta` file, rebuilt on ``base`` (left unchanged), in eval mode.
 
     Refused, before anything is built, when ``base`` is not the model the file was saved
-    against (another architecture or other weights). Coder tables are rebuilt.
+    against (another architecture or other weights). The coder tables are the file's
+    where it has them and the base's otherwise: nothing is recomputed.
     """
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
@@ -255,15 +264,14 @@ def load_weight_delta(path: str | Path, base: SymmetricalTransFormer) -> Symmetr
     if meta["base_hash"] != base_weights_hash(base):
         raise ValueError(f"{path}: saved against base weights with hash {meta['base_hash']}, but the base "
                          f"model's weights hash to {base_weights_hash(base)}; load the matching base model")
-    model = SymmetricalTransFormer(base.config)
     state = base.state_dict()
     delta = load_file(str(path))
     unknown = sorted(set(delta) - set(state))
     if unknown:
         raise ValueError(f"{path}: tensors the model does not have: {_describe(unknown)}")
     state.update({k: v.to(state[k].dtype) for k, v in delta.items()})
+    model = SymmetricalTransFormer(base.config)
     load_state_dict_checked(model, state, source=str(path))
-    model.update(force=True)
     return model.eval()
 
 

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from . import data as data_lib
 from . import data_sources as sources_lib
-from .checkpoints import load_stf, load_weight_delta, save_stf, save_weight_delta, ship_stf
+from .checkpoints import load_stf, load_weight_delta, round_weights_, save_stf, save_weight_delta, ship_stf
 from . import evaluation
 from .adapter_files import load_adapters, save_adapters
 from .lora import count_parameters, merge_lora
@@ -261,8 +261,8 @@ def adapt(settings: Settings, run_dir: str | Path, lmbda: float, method: str, pr
 def install_shipped_run(settings: Settings, run_dir: str | Path, method: str, lmbda: float) -> Path:
     """Put the run the profile ships for (``method``, ``lmbda``) into the run folder, as if trained here.
 
-    The artefact goes where :func:`adapt` would write it (adapters, or a whole model: a
-    ``vanilla`` file holds only the layers it changed and is rebuilt on the run's anchor),
+    The artefact goes where :func:`adapt` would write it (adapters, or a whole model
+    rebuilt on the run's anchor from the float16 weight delta ``vanilla`` and ``full`` ship as),
     the training log into the run's ``train/`` folder, and ``shipped.json`` says where
     they came from. Adapters and weight deltas are refused unless the run's anchor is
     the one they were trained on.
@@ -276,11 +276,9 @@ def install_shipped_run(settings: Settings, run_dir: str | Path, method: str, lm
         if method == "alice":
             load_adapters(shipped, anchor)  # checks the base weights before anything is copied
             atomic_copy(shipped, out)
-        elif method == "vanilla":
+        else:
             save_stf(out, load_weight_delta(shipped, anchor), {"lmbda": lmbda, "method": method,
                                                                "source": str(shipped)})
-        else:
-            _install_model(shipped, out, lmbda, config=settings.model.stf)
     except ValueError as error:
         raise PipelineError(f"the shipped {method} run at lambda {lmbda} does not fit this run's anchor "
                             f"({error}); run with -p use_shipped=false to train it here") from error
@@ -297,9 +295,10 @@ def ship_run(settings: Settings, run_dir: str | Path, method: str, lmbda: float,
     """The shipped form of one adaptation run of ``run_dir`` (the inverse of :func:`install_shipped_run`).
 
     Into ``weights_dir`` (default ``alice_lib/weights``) under the profile's
-    ``adapt.weights`` name: ALICE's adapters as they are, ``vanilla`` as the float16
-    layers it changed against the run's anchor, ``full`` as a float16 model (coder tables
-    built from the stored values); the training log beside it.
+    ``adapt.weights`` name: ALICE's adapters in float16; ``vanilla`` and ``full`` rounded
+    to float16, their coder tables rebuilt from the stored values, as what differs from the
+    run's anchor (:func:`~alice_lib.checkpoints.save_weight_delta`: ``vanilla``'s
+    ``fc1``/``fc2``, ``full``'s parameters without the constants); the training log beside it.
     """
     layout = RunLayout(run_dir)
     pattern = settings.adaptation.shipped_weights(method, lmbda)
@@ -310,12 +309,15 @@ def ship_run(settings: Settings, run_dir: str | Path, method: str, lmbda: float,
     if not artifact.exists():
         raise PipelineError(f"{artifact} not found: run notebooks/03_adapt.ipynb with method={method}, lmbda={lmbda}")
     meta = {"lmbda": lmbda, "method": method, "anchor_lmbda": settings.anchor.lmbda}
-    if method == "alice":
-        atomic_copy(artifact, out)
-    elif method == "vanilla":
-        save_weight_delta(out, load_stf(artifact), load_anchor(run_dir), meta)
+    if method == "alice":  # the adapters in float16
+        model = load_anchor(run_dir)
+        adapters = load_adapters(artifact, model)
+        save_adapters(out, model, lmbda=lmbda, config=adapters["config"], extra_metadata=adapters["extra"],
+                      dtype=torch.float16)
     else:
-        ship_stf(out, load_stf(artifact), meta)
+        model = round_weights_(load_stf(artifact), torch.float16)
+        model.update(force=True)
+        save_weight_delta(out, model, load_anchor(run_dir), meta)
     if layout.rate_log(method, lmbda).exists():
         atomic_copy(layout.rate_log(method, lmbda), out.with_suffix(".metrics.csv"))
     return out

@@ -268,9 +268,9 @@ class AdaptationSettings:
     def shipped_weights(self, method: str, lmbda: float) -> Path | None:
         """The file the profile ships for one adaptation run (it may not exist yet), or None.
 
-        ``alice``: its adapter file; ``vanilla``: the fine-tuned ``fc1``/``fc2`` weights
-        (:func:`~alice_lib.checkpoints.save_weight_delta`); ``full``: a whole model. Each
-        with its training log beside it (``<name>.metrics.csv``).
+        ``alice``: its adapter file; ``vanilla`` and ``full``: what they changed of the anchor,
+        in float16 (:func:`~alice_lib.checkpoints.save_weight_delta`). Each with its training
+        log beside it (``<name>.metrics.csv``).
         """
         if self.weights is None:
             return None

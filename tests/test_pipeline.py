@@ -274,7 +274,8 @@ def test_cpu_profile_keeps_its_schedule_and_states_its_choices():
 def test_shipped_runs_are_installed_instead_of_trained_and_refused_on_another_anchor(smoke_run, tmp_path):
     from safetensors import safe_open
 
-    from alice_lib.checkpoints import load_stf, save_stf
+    from alice_lib.checkpoints import load_stf, round_weights_, save_stf
+    from alice_lib.lora import lora_state_dict
 
     run_dir, _, _ = smoke_run
     spec = load_settings("smoke", {"adapt.weights": str(tmp_path / "weights" / "smoke_{method}_{lmbda}.safetensors")})
@@ -285,6 +286,10 @@ def test_shipped_runs_are_installed_instead_of_trained_and_refused_on_another_an
         keys = list(f.keys())
         assert keys and all(".fc1." in k or ".fc2." in k for k in keys) and f.get_tensor(keys[0]).dtype == torch.float16
     assert shipped["vanilla"].stat().st_size < shipped["full"].stat().st_size / 2
+    with safe_open(str(shipped["full"]), framework="pt") as f:  # the parameters it changed, none of the constants
+        keys, parameters = set(f.keys()), {n for n, _ in wb.load_anchor(run_dir).named_parameters()}
+        assert len(keys & parameters) > len(parameters) / 2
+        assert not any("relative_position_index" in k or k.startswith("gaussian_conditional.") for k in keys)
 
     fresh = wb.RunLayout(tmp_path / "fresh")
     fresh.models_dir.mkdir(parents=True)
@@ -295,12 +300,14 @@ def test_shipped_runs_are_installed_instead_of_trained_and_refused_on_another_an
         assert not (fresh.rate_training(method, lmbda) / "last.pt").exists()  # nothing trained
         assert fresh.rate_log(method, lmbda).read_bytes() == wb.RunLayout(run_dir).rate_log(method, lmbda).read_bytes()
         assert wb.adapt(spec, fresh.root, lmbda, method, progress=False)["status"] == "shipped"
-    trained, installed = (wb.load_rate_model(folder, "vanilla", lmbda) for folder in (run_dir, fresh.root))
-    for name, value in trained.state_dict().items():  # the same model, up to the fp16 storage of what changed
-        expected = value.half().float() if (".fc1." in name or ".fc2." in name) and value.is_floating_point() else value
-        assert torch.equal(installed.state_dict()[name], expected), name
-    assert (fresh.rate_artifact("alice", lmbda).read_bytes()
-            == wb.RunLayout(run_dir).rate_artifact("alice", lmbda).read_bytes())
+    for method in ("vanilla", "full"):  # the model trained here, rounded to float16 with its tables rebuilt
+        trained = round_weights_(wb.load_rate_model(run_dir, method, lmbda), torch.float16)
+        trained.update(force=True)
+        installed = wb.load_rate_model(fresh.root, method, lmbda).state_dict()
+        for name, value in trained.state_dict().items():
+            assert torch.equal(installed[name], value), (method, name)
+    trained, installed = (lora_state_dict(wb.load_rate_model(folder, "alice", lmbda)) for folder in (run_dir, fresh.root))
+    assert all(torch.equal(installed[k], v.half().float()) for k, v in trained.items())  # float16 adapters
 
     assert load_settings("smoke", {**dict(spec.raw), "use_shipped": False}).adaptation.shipped_weights("alice", lmbda) \
         is None
@@ -309,7 +316,7 @@ def test_shipped_runs_are_installed_instead_of_trained_and_refused_on_another_an
     with torch.no_grad():
         anchor.layers[0].blocks[0].mlp.fc1.weight.add_(1e-3)
     save_stf(other.anchor, anchor)
-    for method in ("alice", "vanilla"):
+    for method in methods:
         with pytest.raises(wb.PipelineError, match="does not fit this run's anchor"):
             wb.adapt(spec, other.root, lmbda, method, progress=False)
         assert not other.rate_artifact(method, lmbda).exists()

@@ -7,7 +7,8 @@ interpolated (in log-rate) at the model's mean bpp. A positive ``vs_jpeg_db`` me
 model beats JPEG at its own rate. ``bpp_z_estimated`` is the hyper-latent's share of the rate
 (estimated from its likelihoods): about 0 when the hyperprior carries no information.
 
-    python benchmarks/checkpoint_kodak.py runs/cpu-training/fixed-rate-0.0483/best.pt [...] [--max-images 24]
+    python benchmarks/checkpoint_kodak.py runs/cpu-training/fixed-rate-0.0483/best.pt [...] [--max-images 24] \
+        [--append-to docs/cpu-scale/anchor/kodak.csv]
 
 An adaptation run's checkpoint holds only what trained (``frozen_hash``, see
 ``alice_lib.train``); it is put back onto ``--anchor`` (default: the shipped CPU anchor).
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--anchor", type=Path, default=DEFAULT_ANCHOR,
                         help="frozen weights under adaptation checkpoints that hold only what trained")
+    parser.add_argument("--append-to", type=Path, help="also append the rows to this CSV (created if absent)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,6 +112,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                      "jpeg_psnr_at_bpp": jpeg, "vs_jpeg_db": psnr - jpeg, "bpp_z_estimated": hyper})
     table = pd.DataFrame(rows)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if args.append_to:
+        table.to_csv(args.append_to, mode="a", header=not args.append_to.exists(), index=False)
+        print(f"appended to {args.append_to}")
     return table
 
 

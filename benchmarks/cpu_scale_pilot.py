@@ -11,6 +11,7 @@ continues each run until its training time (the ``seconds`` column of its
 
     python benchmarks/cpu_scale_pilot.py train --hours 3          # resumable; Ctrl-C stops every run
     python benchmarks/cpu_scale_pilot.py report --out docs/cpu-scale/pilot
+    python benchmarks/cpu_scale_pilot.py report-anchor --run /work/cpu-scale-runs/anchor --out docs/cpu-scale/anchor
     python benchmarks/checkpoint_kodak.py runs/cpu-scale-pilot/*/best.pt   # Kodak, real bitstreams, vs JPEG
 
 ``report`` writes ``pilot.csv`` (the last validation of each run, its steps and
@@ -137,17 +138,61 @@ def report(args: argparse.Namespace) -> pd.DataFrame:
     return table
 
 
+def report_anchor(args: argparse.Namespace) -> pd.DataFrame:
+    """The anchor's run (the chosen candidate, continued): its log, its curve and power-law fits of its loss.
+
+    Writes ``metrics.csv`` (the run's whole log), ``anchor.png`` (validation loss against steps on
+    log axes with the fits, and PSNR) and ``fits.csv``: for each first step, the exponent of
+    ``loss ~ steps^k`` fitted from there on and the steps at which the fit reaches ``--target``.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    log = pd.read_csv(args.run / "metrics.csv")
+    rows = []
+    for first in args.fit_from:
+        part = log[log["step"] >= first]
+        k, c = np.polyfit(np.log(part["step"]), np.log(part["val_loss"]), 1)
+        rows.append({"fit_from_step": first, "last_step": int(log["step"].iloc[-1]), "exponent": k,
+                     "steps_to_target": float(np.exp((np.log(args.target) - c) / k)), "target": args.target})
+    fits = pd.DataFrame(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log.to_csv(args.out / "metrics.csv", index=False)
+    fits.to_csv(args.out / "fits.csv", index=False)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].loglog(log["step"], log["val_loss"], marker=".", label="validation loss")
+    for row in rows:
+        steps = np.geomspace(row["fit_from_step"], row["steps_to_target"], 50)
+        scale = log.loc[log["step"] >= row["fit_from_step"], "val_loss"].iloc[0] * (steps / steps[0]) ** row["exponent"]
+        axes[0].loglog(steps, scale, linestyle=":", label=f"fit from step {row['fit_from_step']}: k = {row['exponent']:.2f}")
+    axes[0].axhline(args.target, color="gray", linestyle="--", label=f"JPEG-level objective ~{args.target:g}")
+    axes[0].set(xlabel="steps (batch 4 of 256 px)", ylabel="validation loss (λ·255²·MSE + bpp)")
+    axes[0].legend(fontsize=7)
+    axes[1].plot(log["step"], log["val_psnr"], marker=".")
+    axes[1].set(xlabel="steps", ylabel="validation PSNR (dB)")
+    fig.tight_layout()
+    fig.savefig(args.out / "anchor.png", dpi=120)
+    print(fits.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"written: {args.out / 'metrics.csv'}, {args.out / 'fits.csv'}, {args.out / 'anchor.png'}")
+    return fits
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("train", "report"))
+    parser.add_argument("command", choices=("train", "report", "report-anchor"))
     parser.add_argument("--root", type=Path, default=ROOT / "runs" / "cpu-scale-pilot")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     parser.add_argument("--hours", type=float, default=3.0, help="training time per candidate")
     parser.add_argument("--threads", type=int, default=1, help="threads per candidate")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "cpu-scale" / "pilot")
+    parser.add_argument("--run", type=Path, default=ROOT / "runs" / "cpu-anchor", help="report-anchor: the run folder")
+    parser.add_argument("--fit-from", type=int, nargs="+", default=[1000, 2600], help="report-anchor: fit starts")
+    parser.add_argument("--target", type=float, default=3.9, help="report-anchor: the objective to project to")
     args = parser.parse_args(argv)
-    train(args) if args.command == "train" else report(args)
+    {"train": train, "report": report, "report-anchor": report_anchor}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 

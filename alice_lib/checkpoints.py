@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .lora import base_weights_hash
 from .models.stf import STFConfig, SymmetricalTransFormer
+from .utils import atomic_write
 
 # Entropy-coder tables: their shapes depend on the weights (filled by ``update()``).
 CODER_BUFFERS = ("_offset", "_quantized_cdf", "_cdf_length", "scale_table")
@@ -183,18 +184,24 @@ def save_stf(path: str | Path, model: SymmetricalTransFormer, metadata: dict | N
     keep their precision: the entropy model's constants (scale table, likelihood bound
     1e-9, which float16 would round to 0 and a later fine-tune turn into an infinite rate).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    parameters = {name for name, _ in model.named_parameters()}
     # Coder tables are saved too: decoding then uses exactly the encoder's CDFs.
-    tensors = {k: (v.to(dtype) if k in parameters and v.is_floating_point() else v).detach().contiguous()
-               for k, v in model.state_dict().items()}
-    meta = {"format": "alice-stf-v1", "model_config": json.dumps(model.config.to_dict())}
+    return _write_model_file(path, _stored_tensors(model, dtype), model, {"format": "alice-stf-v1"}, metadata)
+
+
+def _stored_tensors(model: SymmetricalTransFormer, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The state dict as a file stores it: parameters in ``dtype``, buffers (constants, coder tables) as they are."""
+    parameters = {name for name, _ in model.named_parameters()}
+    return {k: (v.to(dtype) if k in parameters and v.is_floating_point() else v).detach().contiguous()
+            for k, v in model.state_dict().items()}
+
+
+def _write_model_file(path: str | Path, tensors: dict[str, Tensor], model: SymmetricalTransFormer,
+                      header: dict[str, str], metadata: dict | None) -> Path:
+    """A safetensors file (written atomically) whose metadata holds ``header``, the model's
+    configuration and ``metadata`` (values that are not strings as JSON)."""
+    meta = {**header, "model_config": json.dumps(model.config.to_dict())}
     meta.update({k: json.dumps(v) if not isinstance(v, str) else v for k, v in (metadata or {}).items()})
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def ship_stf(path: str | Path, model: SymmetricalTransFormer, metadata: dict | None = None,
@@ -227,25 +234,13 @@ def save_weight_delta(path: str | Path, model: SymmetricalTransFormer, base: Sym
     """
     if model.config != base.config:
         raise ValueError(f"the model ({model.config}) and its base ({base.config}) differ in architecture")
-    parameters = {name for name, _ in model.named_parameters()}
-    base_state = base.state_dict()
-    changed = {}
-    for key, value in model.state_dict().items():
-        old = base_state[key]
-        if value.shape != old.shape or not torch.equal(value, old):
-            stored = value.to(dtype) if key in parameters and value.is_floating_point() else value
-            changed[key] = stored.detach().contiguous()
+    base_state, stored = base.state_dict(), _stored_tensors(model, dtype)
+    changed = {key: stored[key] for key, value in model.state_dict().items()
+               if value.shape != base_state[key].shape or not torch.equal(value, base_state[key])}
     if not changed:
         raise ValueError("the model does not differ from its base: nothing to save")
-    meta = {"format": WEIGHT_DELTA_FORMAT, "model_config": json.dumps(model.config.to_dict()),
-            "base_hash": base_weights_hash(base), "storage": str(dtype)}
-    meta.update({k: json.dumps(v) if not isinstance(v, str) else v for k, v in (metadata or {}).items()})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(changed, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    header = {"format": WEIGHT_DELTA_FORMAT, "base_hash": base_weights_hash(base), "storage": str(dtype)}
+    return _write_model_file(path, changed, model, header, metadata)
 
 
 def load_weight_delta(path: str | Path, base: SymmetricalTransFormer) -> SymmetricalTransFormer:

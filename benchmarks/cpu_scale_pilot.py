@@ -22,6 +22,7 @@ hours, and the slope of its validation loss over the last hour) and ``pilot.png`
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,13 +58,18 @@ RECIPE: dict[str, str] = {
     "anchor.train.precision": "fp32", "anchor.train.seed": "0"}
 
 
-def train_command(name: str, run_dir: Path, data: Path, threads: int) -> list[str]:
-    """``alice train`` for one candidate (``python -m alice_lib.cli``: this interpreter's package)."""
-    overrides = {"data.train_dir": str(data), **RECIPE,
-                 **{f"model.{key}": value for key, value in CANDIDATES[name].items()}}
-    return [sys.executable, "-m", "alice_lib.cli", "train", "--profile", "cpu", "--train-dir", str(run_dir),
+def alice_train(run_dir: Path, threads: int, overrides: dict, *options: str) -> list[str]:
+    """``alice train --profile cpu`` into ``run_dir`` with ``-p`` overrides (``python -m alice_lib.cli``:
+    this interpreter's package); ``options`` go before them (``--method``, ``--init`` ...)."""
+    return [sys.executable, "-m", "alice_lib.cli", "train", "--profile", "cpu", *options, "--train-dir", str(run_dir),
             "--threads", str(threads), "--no-progress",
             *[arg for key, value in overrides.items() for arg in ("-p", f"{key}={value}")]]
+
+
+def train_command(name: str, run_dir: Path, data: Path, threads: int) -> list[str]:
+    """``alice train`` for one candidate."""
+    return alice_train(run_dir, threads, {"data.train_dir": str(data), **RECIPE,
+                                          **{f"model.{key}": value for key, value in CANDIDATES[name].items()}})
 
 
 def trained_hours(run_dir: Path) -> float:
@@ -156,17 +162,19 @@ def report_anchor(args: argparse.Namespace) -> pd.DataFrame:
         part = log[log["step"] >= first]
         k, c = np.polyfit(np.log(part["step"]), np.log(part["val_loss"]), 1)
         rows.append({"fit_from_step": first, "last_step": int(log["step"].iloc[-1]), "exponent": k,
-                     "steps_to_target": float(np.exp((np.log(args.target) - c) / k)), "target": args.target})
+                     "log_scale": c, "steps_to_target": float(np.exp((np.log(args.target) - c) / k)),
+                     "target": args.target})
     fits = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    log.to_csv(args.out / "metrics.csv", index=False)
+    if (args.run / "metrics.csv").resolve() != (args.out / "metrics.csv").resolve():
+        shutil.copyfile(args.run / "metrics.csv", args.out / "metrics.csv")  # the log as written, byte for byte
     fits.to_csv(args.out / "fits.csv", index=False)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     axes[0].loglog(log["step"], log["val_loss"], marker=".", label="validation loss")
     for row in rows:
         steps = np.geomspace(row["fit_from_step"], row["steps_to_target"], 50)
-        scale = log.loc[log["step"] >= row["fit_from_step"], "val_loss"].iloc[0] * (steps / steps[0]) ** row["exponent"]
-        axes[0].loglog(steps, scale, linestyle=":", label=f"fit from step {row['fit_from_step']}: k = {row['exponent']:.2f}")
+        fitted = np.exp(row["log_scale"]) * steps ** row["exponent"]  # the fit itself, loss = e^c * steps^k
+        axes[0].loglog(steps, fitted, linestyle=":", label=f"fit from step {row['fit_from_step']}: k = {row['exponent']:.2f}")
     axes[0].axhline(args.target, color="gray", linestyle="--", label=f"JPEG-level objective ~{args.target:g}")
     axes[0].set(xlabel="steps (batch 4 of 256 px)", ylabel="validation loss (λ·255²·MSE + bpp)")
     axes[0].legend(fontsize=7)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_scale_pilot import CANDIDATES, DEFAULT_DATA, ROOT  # noqa: E402  (the chosen size's overrides)
+from cpu_scale_pilot import CANDIDATES, DEFAULT_DATA, ROOT, alice_train  # noqa: E402  (the chosen size)
 
 LMBDA = 0.0018
 SIZE = "e32-d1111-w8"
@@ -46,10 +46,8 @@ def train_command(args: argparse.Namespace) -> list[str]:
     overrides = {"data.train_dir": str(args.data), "data.val_images": 16, "data.val_crop": 256,
                  **{f"adapt.full.{k}": v for k, v in schedule.items()},
                  **{f"model.{k}": v for k, v in CANDIDATES[SIZE].items()}}
-    return [sys.executable, "-m", "alice_lib.cli", "train", "--profile", "cpu", "--method", "full",
-            "--lmbda", str(LMBDA), "--init", str(args.init), "--train-dir", str(args.root),
-            "--threads", str(args.threads), "--no-progress",
-            *[arg for key, value in overrides.items() for arg in ("-p", f"{key}={value}")]]
+    return alice_train(args.root, args.threads, overrides, "--method", "full", "--lmbda", str(LMBDA),
+                       "--init", str(args.init))
 
 
 def report(args: argparse.Namespace) -> int | None:

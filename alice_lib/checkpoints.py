@@ -211,9 +211,14 @@ def ship_stf(path: str | Path, model: SymmetricalTransFormer, metadata: dict | N
     The tables are built from exactly the stored values, so a file's encoder and decoder
     (and any machine loading it) read the same numbers and bitstreams stay decodable.
     """
+    return save_stf(path, stored_as(model, dtype), {**(metadata or {}), "storage": str(dtype)}, dtype=dtype)
+
+
+def stored_as(model: SymmetricalTransFormer, dtype: torch.dtype) -> SymmetricalTransFormer:
+    """``model`` as a ``dtype`` file will hold it, in place: parameters rounded, coder tables rebuilt from them."""
     round_weights_(model, dtype)
     model.eval().update(force=True)
-    return save_stf(path, model, {**(metadata or {}), "storage": str(dtype)}, dtype=dtype)
+    return model
 
 
 WEIGHT_DELTA_FORMAT = "alice-stf-delta-v1"
@@ -226,9 +231,9 @@ def save_weight_delta(path: str | Path, model: SymmetricalTransFormer, base: Sym
     How a model fine-tuned from the anchor ships: ``vanilla`` changes ``fc1``/``fc2``
     only (about two fifths of the CPU-scale model), a ``full`` fine-tune every parameter
     but none of the constants (window indexes, the Gaussian coder's table). Call it on a
-    model rounded to ``dtype`` with its coder tables rebuilt (:func:`round_weights_`,
-    ``update(force=True)``): tables that differ from the base's are stored, so a file
-    decodes with exactly the tables it was encoded with. Tied to its base by the hash
+    model rounded to ``dtype`` with its coder tables rebuilt (:func:`stored_as`): tables
+    that differ from the base's are stored, so a file decodes with exactly the tables it
+    was encoded with. Tied to its base by the hash
     of the base's weights (:func:`~alice_lib.lora.base_weights_hash`), like an adapter
     file; :func:`load_weight_delta` rebuilds the model on that base and refuses any other.
     """

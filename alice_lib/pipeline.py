@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from . import data as data_lib
 from . import data_sources as sources_lib
-from .checkpoints import load_stf, load_weight_delta, round_weights_, save_stf, save_weight_delta, ship_stf
+from .checkpoints import load_stf, load_weight_delta, save_stf, save_weight_delta, ship_stf, stored_as
 from . import evaluation
 from .adapter_files import load_adapters, save_adapters
 from .lora import count_parameters, merge_lora
@@ -308,16 +308,14 @@ def ship_run(settings: Settings, run_dir: str | Path, method: str, lmbda: float,
     artifact = layout.rate_artifact(method, lmbda)
     if not artifact.exists():
         raise PipelineError(f"{artifact} not found: run notebooks/03_adapt.ipynb with method={method}, lmbda={lmbda}")
-    meta = {"lmbda": lmbda, "method": method, "anchor_lmbda": settings.anchor.lmbda}
     if method == "alice":  # the adapters in float16
         model = load_anchor(run_dir)
         adapters = load_adapters(artifact, model)
         save_adapters(out, model, lmbda=lmbda, config=adapters["config"], extra_metadata=adapters["extra"],
                       dtype=torch.float16)
     else:
-        model = round_weights_(load_stf(artifact), torch.float16)
-        model.update(force=True)
-        save_weight_delta(out, model, load_anchor(run_dir), meta)
+        save_weight_delta(out, stored_as(load_stf(artifact), torch.float16), load_anchor(run_dir),
+                          {"lmbda": lmbda, "method": method, "anchor_lmbda": settings.anchor.lmbda})
     if layout.rate_log(method, lmbda).exists():
         atomic_copy(layout.rate_log(method, lmbda), out.with_suffix(".metrics.csv"))
     return out

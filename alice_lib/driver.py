@@ -56,9 +56,10 @@ class NotebookRun:
 
 def notebook_order(settings: Settings) -> list[NotebookRun]:
     """What ``alice run`` executes, in order: the data, the fixed-rate models, one adaptation per
-    (target lambda, method), the evaluation, the figures."""
+    (target lambda, method), outwards from the anchor where each starts from its neighbour, the
+    evaluation, the figures."""
     adaptations = [NotebookRun("03_adapt", {"lmbda": lmbda, "method": method})
-                   for lmbda in settings.targets for method in settings.adaptation.methods]
+                   for lmbda in settings.adaptation_order() for method in settings.adaptation.methods]
     return [NotebookRun("01_data"), NotebookRun("02_fixed_rate"), *adaptations, NotebookRun("04_evaluate"),
             NotebookRun("05_figures")]
 

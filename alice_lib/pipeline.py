@@ -225,16 +225,19 @@ def adapt(settings: Settings, run_dir: str | Path, lmbda: float, method: str, pr
     layout = RunLayout(run_dir)
     out = layout.rate_artifact(method, lmbda)
     schedule = settings.adaptation.training(method)
-    mode, lora = TRAINING_MODES[method], settings.model.lora
-    model = load_anchor(run_dir)
-    prepare_method(model, method, lora, schedule)
-    summary = {"method": method, "lmbda": lmbda, "artifact": str(out), **count_parameters(model, mode, lora)}
-    if out.exists():
-        return {**summary, "status": "shipped" if layout.rate_source(method, lmbda).exists() else "already trained"}
-    shipped = settings.adaptation.shipped_weights(method, lmbda)
-    if shipped is not None and shipped.exists():
-        install_shipped_run(settings, run_dir, method, lmbda)
-        return {**summary, "status": "shipped", "source": str(shipped)}
+    lora, shipped = settings.model.lora, settings.adaptation.shipped_weights(method, lmbda)
+    summary = {"method": method, "lmbda": lmbda, "artifact": str(out)}
+    if out.exists() or (shipped is not None and shipped.exists()):
+        if out.exists():
+            status = "shipped" if layout.rate_source(method, lmbda).exists() else "already trained"
+        else:
+            install_shipped_run(settings, run_dir, method, lmbda)
+            status, summary["source"] = "shipped", str(shipped)
+        model = load_anchor(run_dir)
+        prepare_method(model, method, lora, schedule)
+        return {**summary, **count_parameters(model, TRAINING_MODES[method], lora), "status": status}
+    model = start_adaptation(settings, run_dir, lmbda, method)
+    summary.update(count_parameters(model, TRAINING_MODES[method], lora))
     train_set, val_set = training_sets(settings, run_dir, schedule)
     model.to(device or "cpu")
     # Only what trains goes into the run's checkpoints (a few hundred kB for ALICE): unfinished runs can be kept.
@@ -248,7 +251,8 @@ def adapt(settings: Settings, run_dir: str | Path, lmbda: float, method: str, pr
     best_path = folder / ("best.pt" if val_set is not None else "last.pt")
     best = load_checkpoint(best_path)
     load_weights(model.cpu(), best, best_path, averaged=True)
-    meta = {"lmbda": lmbda, "method": method, "anchor_lmbda": settings.anchor.lmbda, "steps": best["step"]}
+    meta = {"lmbda": lmbda, "method": method, "anchor_lmbda": settings.anchor.lmbda, "steps": best["step"],
+            "started_from": settings.start_of(lmbda) or "anchor"}
     if method == "alice":
         save_adapters(out, model, lmbda=lmbda, config=lora, extra_metadata=meta)
     else:
@@ -256,6 +260,33 @@ def adapt(settings: Settings, run_dir: str | Path, lmbda: float, method: str, pr
         save_stf(out, model, meta)
     return {**summary, "status": "trained", "seconds": round(time.time() - started, 1), "train_images": len(train_set),
             "planned_steps": config.steps, **row}
+
+
+def start_adaptation(settings: Settings, run_dir: str | Path, lmbda: float,
+                     method: str) -> SymmetricalTransFormer:
+    """The model an adaptation at ``lmbda`` trains, prepared for ``method``, before its first step.
+
+    From the run's anchor, with new adapters for ``alice`` (the paper), or, with
+    ``adapt.start: neighbour``, from the result of the same method at the neighbouring
+    target (:meth:`~alice_lib.settings.Settings.start_of`): its adapters on the frozen
+    anchor, or its fine-tuned weights. That run must have been trained (or installed) first.
+    """
+    model = load_anchor(run_dir)
+    prepare_method(model, method, settings.model.lora, settings.adaptation.training(method))
+    neighbour = settings.start_of(lmbda)
+    if neighbour is None:
+        return model
+    start = RunLayout(run_dir).rate_artifact(method, neighbour)
+    if not start.exists():
+        raise PipelineError(f"adapt.start is 'neighbour': the {method} run at lambda {lmbda} starts from the one at "
+                            f"{neighbour}, which is not in {run_dir} yet; train that first "
+                            f"(alice run goes in this order: {list(settings.adaptation_order())})")
+    if method == "alice":
+        load_adapters(start, model)  # same anchor, so the same base weights: the file's check holds
+        return model
+    trained = load_stf(start)
+    prepare_method(trained, method, settings.model.lora, settings.adaptation.training(method))
+    return trained
 
 
 def install_shipped_run(settings: Settings, run_dir: str | Path, method: str, lmbda: float) -> Path:

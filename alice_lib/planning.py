@@ -72,6 +72,7 @@ class RunEntry:
     seed: int
     train_images: int
     done: bool = False
+    start: str = "anchor"  # what it starts from: the anchor, or the lambda of its neighbour's result (adapt.start)
 
 
 @dataclass(frozen=True)
@@ -183,11 +184,11 @@ class ExperimentPlan:
                  f"fixed-rate references: {self._references_text()}", "",
                  "training runs:",
                  f"  {'method':8s} {'lambda':>7s} {'epochs':>6s} {'steps':>9s} {'batch':>5s} {'lr':>8s} "
-                 f"{'schedule':>15s} {'crop':>4s} {'flip':>5s} {'seed':>4s}"]
+                 f"{'schedule':>15s} {'crop':>4s} {'flip':>5s} {'seed':>4s} {'from':>7s}"]
         for r in self.runs:
             lines.append(f"  {r.method:8s} {r.lmbda:7g} {r.epochs:6.3g} {r.steps:9,d} {r.global_batch_size:5d} "
                          f"{r.lr:8.1e} {r.schedule + '/' + r.schedule_unit:>15s} {r.crop:4d} {str(r.flip):>5s} "
-                         f"{r.seed:4d}{'  (done)' if r.done else ''}")
+                         f"{r.seed:4d} {r.start:>7s}{'  (done)' if r.done else ''}")
         e = self.evaluation
         lines += ["", f"evaluation: {', '.join(e['datasets'])}, methods {', '.join(e['methods'])}, classical "
                       f"{', '.join(e['classical'])}; padding {e['padding']}; BD {', '.join(e['bd_methods'])}; "
@@ -413,21 +414,24 @@ def training_runs(settings: Settings, n_train: int, run_dir: Path | None = None)
     """Every adaptation run of the profile, with its steps computed for ``n_train`` images; ``done``
     when the run folder has it or the profile ships it (03_adapt then trains nothing)."""
     runs = []
-    for lmbda in settings.targets:
+    for lmbda in settings.adaptation_order():
         for method in settings.adaptation.methods:
             shipped = settings.adaptation.shipped_weights(method, lmbda)
             done = ((run_dir is not None and RunLayout(run_dir).rate_artifact(method, lmbda).exists())
                     or (shipped is not None and shipped.exists()))
-            runs.append(_entry(method, lmbda, settings.adaptation.training(method), n_train, done=done))
+            start = settings.start_of(lmbda)
+            runs.append(_entry(method, lmbda, settings.adaptation.training(method), n_train, done=done,
+                               start="anchor" if start is None else f"{start:g}"))
     return runs
 
 
-def _entry(method: str, lmbda: float, schedule: TrainingSettings, n_train: int, done: bool = False) -> RunEntry:
+def _entry(method: str, lmbda: float, schedule: TrainingSettings, n_train: int, done: bool = False,
+           start: str = "anchor") -> RunEntry:
     n = max(n_train, schedule.batch_size) if schedule.steps is not None else n_train
     return RunEntry(method=method, lmbda=lmbda, epochs=schedule.epochs_for(n), steps=schedule.steps_for(n),
                     global_batch_size=schedule.batch_size, lr=float(schedule.lr), schedule=schedule.schedule,
                     schedule_unit=schedule.schedule_unit, crop=schedule.crop, flip=schedule.flip, seed=schedule.seed,
-                    train_images=n_train, done=done)
+                    train_images=n_train, done=done, start=start)
 
 
 def make_plan(settings: Settings, notebooks: Sequence[NotebookCall], parameters: Mapping | None = None,

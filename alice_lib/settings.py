@@ -8,8 +8,8 @@ re-reading nested dicts with their own ``.get(..., default)``. Sections:
 * ``data``        where training / validation / test images come from and how many are asked for
 * ``anchor``      the frozen base model: its lambda, shipped weights, and the budget to train it
 * ``references``  where the fixed-rate curve comes from: published, trained from scratch, or fine-tunes
-* ``adaptation``  the methods trained per target lambda, their schedules (:class:`TrainingSettings`) and
-                  the runs a profile ships (``adapt.weights``)
+* ``adaptation``  the methods trained per target lambda, their schedules (:class:`TrainingSettings`),
+                  the runs a profile ships (``adapt.weights``) and where each run starts (``adapt.start``)
 * ``evaluation``  test sets, padding, BD-rate methods, whether curves include the anchor
 * ``complexity``  which model and image the complexity table measures
 
@@ -27,6 +27,7 @@ parameters such as ``kodak_dir`` or ``anchor_checkpoint``.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -51,6 +52,7 @@ RESULT_LABEL: dict[str, str] = {"alice": "alice", "vanilla": "vanilla", "full": 
 EVALUATED_METHODS = ("fixed-rate", "alice", "malice", "vanilla", "full")
 # Where the fixed-rate curve comes from (see ReferenceSettings); ``full``: the ``full`` method's models.
 REFERENCE_SOURCES = ("full", "scratch", "published")
+ADAPTATION_STARTS = ("anchor", "neighbour")  # adapt.start: see Settings.start_of
 SCHEDULES = ("cosine", "plateau", "constant", "hold-cosine")
 SCHEDULE_UNITS = ("step", "epoch")
 PRECISIONS = ("fp32", "bf16", "auto")
@@ -257,10 +259,12 @@ class AdaptationSettings:
     schedules: Mapping[str, TrainingSettings]
     epoch_check: EpochCheck = field(default_factory=EpochCheck)
     weights: str | None = None  # shipped runs: a file-name pattern with {method} and {lmbda} in alice_lib/weights
+    start: str = "anchor"  # each run starts from the anchor (the paper), or from its neighbour's result
 
     def __post_init__(self) -> None:
         for method in self.methods:
             _choice("adapt.methods", method, tuple(TRAINING_MODES))
+        _choice("adapt.start", self.start, ADAPTATION_STARTS)
         if self.weights is not None and not ("{method}" in self.weights and "{lmbda}" in self.weights):
             raise SettingsError("adapt.weights must contain '{method}' and '{lmbda}', "
                                 "e.g. cpu_{method}_{lmbda}.safetensors")
@@ -363,6 +367,27 @@ class Settings:
         return tuple(t for t in self.targets
                      if not ((p := self.references.shipped_weights(t)) and p.exists())
                      and not (layout and layout.fixed_rate(t).exists()))
+
+    def start_of(self, lmbda: float) -> float | None:
+        """The target whose trained run an adaptation at ``lmbda`` starts from, or None: the anchor.
+
+        ``adapt.start: anchor`` (the paper's independent adapters): always None.
+        ``neighbour`` (the progressive scheme of Xu, Huang and Wu, 2026): the next target
+        on the way from ``lmbda`` to the anchor's lambda, so the runs go outwards from the
+        anchor, each from the last one's result.
+        """
+        if self.adaptation.start == "anchor":
+            return None
+        between = [t for t in self.targets
+                   if min(lmbda, self.anchor.lmbda) < t < max(lmbda, self.anchor.lmbda)]
+        return min(between, key=lambda t: abs(math.log(t / lmbda)), default=None)
+
+    def adaptation_order(self) -> tuple[float, ...]:
+        """The targets in the order they can be trained: any order starting from the anchor,
+        outwards from it when each run starts from its neighbour."""
+        if self.adaptation.start == "anchor":
+            return self.targets
+        return tuple(sorted(self.targets, key=lambda t: abs(math.log(t / self.anchor.lmbda))))
 
     @property
     def lmbdas(self) -> tuple[float, ...]:
@@ -531,6 +556,7 @@ def _training(name: str, spec: Mapping) -> TrainingSettings:
 def _adaptation(spec: Mapping, use_shipped: bool = True) -> AdaptationSettings:
     spec = dict(spec)
     weights = spec.pop("weights", None)
+    start = spec.pop("start", "anchor")
     methods = tuple(spec.pop("methods", tuple(TRAINING_MODES)))
     per_method = {m: dict(spec.pop(m) or {}) for m in TRAINING_MODES if m in spec}
     check = spec.pop("epoch_check", {}) or {}
@@ -538,7 +564,7 @@ def _adaptation(spec: Mapping, use_shipped: bool = True) -> AdaptationSettings:
     # Every method gets a schedule, listed or not: a notebook may train one the profile does not list.
     schedules = {m: _training(f"adapt.{m}", {**spec, **per_method.get(m, {})}) for m in TRAINING_MODES}
     return AdaptationSettings(methods=methods, schedules=schedules, epoch_check=check,
-                              weights=weights if use_shipped else None)
+                              weights=weights if use_shipped else None, start=start)
 
 
 def _evaluation(spec: Mapping) -> EvaluationSettings:

@@ -322,6 +322,61 @@ def test_shipped_runs_are_installed_instead_of_trained_and_refused_on_another_an
         assert not other.rate_artifact(method, lmbda).exists()
 
 
+def test_neighbour_start_trains_outwards_and_starts_each_run_from_the_last_result(tmp_path):
+    from alice_lib.adapter_files import save_adapters
+    from alice_lib.checkpoints import save_stf
+    from alice_lib.driver import notebook_order
+    from alice_lib.lora import base_state_dict, lora_state_dict
+    from alice_lib.planning import training_runs
+    from alice_lib.models.stf import SymmetricalTransFormer
+    from alice_lib.train import prepare_method
+
+    cpu = load_settings("cpu", {"adapt.start": "neighbour"})
+    assert cpu.adaptation_order() == (0.025, 0.013, 0.0067, 0.0035, 0.0018)
+    assert [cpu.start_of(t) for t in cpu.adaptation_order()] == [None, 0.025, 0.013, 0.0067, 0.0035]
+    adapted = [run.parameters["lmbda"] for run in notebook_order(cpu) if run.notebook == "03_adapt"]
+    assert adapted == [t for t in cpu.adaptation_order() for _ in cpu.adaptation.methods]
+    paper = load_settings("cpu")  # the paper's default: every run from the anchor
+    assert paper.adaptation.start == "anchor" and {paper.start_of(t) for t in paper.targets} == {None}
+    with pytest.raises(wb.SettingsError, match="adapt.start"):
+        load_settings("cpu", {"adapt.start": "previous"})
+
+    spec = load_settings("smoke", {"adapt.start": "neighbour"})
+    near, far = spec.adaptation_order()  # 0.025 starts from the anchor, 0.0067 from 0.025's result
+    assert (spec.start_of(near), spec.start_of(far)) == (None, near)
+    assert [(r.lmbda, r.start) for r in training_runs(spec, 10)] == [(near, "anchor")] * 3 + [(far, f"{near:g}")] * 3
+    layout = wb.RunLayout(tmp_path / "run")
+    torch.manual_seed(0)
+    save_stf(layout.anchor, SymmetricalTransFormer(spec.model.stf))
+    anchor = base_state_dict(wb.load_anchor(layout.root))
+    for method in ("alice", "vanilla", "full"):
+        with pytest.raises(wb.PipelineError, match="train that first"):
+            wb.start_adaptation(spec, layout.root, far, method)
+        neighbour = wb.start_adaptation(spec, layout.root, near, method)  # a stand-in for its trained result
+        with torch.no_grad():
+            for p in neighbour.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p))
+        out = layout.rate_artifact(method, near)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if method == "alice":
+            save_adapters(out, neighbour, lmbda=near, config=spec.model.lora)
+        else:
+            save_stf(out, neighbour)
+        start = wb.start_adaptation(spec, layout.root, far, method)
+        expected = lora_state_dict(neighbour) if method == "alice" else neighbour.state_dict()
+        started = lora_state_dict(start) if method == "alice" else start.state_dict()
+        assert expected and all(torch.equal(started[k], v) for k, v in expected.items()), method
+        assert all(torch.equal(base_state_dict(start)[k], v) for k, v in anchor.items()) == (method == "alice")
+        reference = wb.load_anchor(layout.root)  # what the method trains is unchanged by where it starts
+        prepare_method(reference, method, spec.model.lora, spec.adaptation.training(method))
+        trains = {n for n, p in start.named_parameters() if p.requires_grad}
+        assert trains == {n for n, p in reference.named_parameters() if p.requires_grad}, method
+        default = wb.start_adaptation(load_settings("smoke"), layout.root, far, method)  # the paper: the anchor
+        assert all(torch.equal(base_state_dict(default)[k], v) for k, v in anchor.items())
+        assert all(not v.any() for k, v in lora_state_dict(default).items() if k.endswith("W_b")), method
+
+
 def test_use_shipped_switches_off_every_weight_file_and_bad_values_are_refused():
     shipped = load_settings("cpu", {"adapt.weights": "cpu_{method}_{lmbda}.safetensors"})
     assert shipped.use_shipped and shipped.anchor.weights and shipped.references.weights

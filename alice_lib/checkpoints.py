@@ -233,9 +233,9 @@ def save_weight_delta(path: str | Path, model: SymmetricalTransFormer, base: Sym
     but none of the constants (window indexes, the Gaussian coder's table). Call it on a
     model rounded to ``dtype`` with its coder tables rebuilt (:func:`stored_as`): tables
     that differ from the base's are stored, so a file decodes with exactly the tables it
-    was encoded with. Tied to its base by the hash
-    of the base's weights (:func:`~alice_lib.lora.base_weights_hash`), like an adapter
-    file; :func:`load_weight_delta` rebuilds the model on that base and refuses any other.
+    was encoded with. Tied to its base by the hash of the base's weights
+    (:func:`~alice_lib.lora.base_weights_hash`), like an adapter file;
+    :func:`load_weight_delta` rebuilds the model on that base and refuses any other.
     """
     if model.config != base.config:
         raise ValueError(f"the model ({model.config}) and its base ({base.config}) differ in architecture")

@@ -98,7 +98,7 @@ def run_pipeline(profile: str | Path, run_dir: str | Path | None = None, reports
         overrides, notebook_parameters = split_parameters(parameters)
     except SettingsError as error:
         raise PipelineError(str(error)) from error
-    settings = load_profile(profile, overrides)
+    settings, notebook_parameters = load_profile(profile, overrides), resolve_paths(notebook_parameters)
     layout = RunLayout(Path(run_dir or default_run_dir(settings.name)).resolve())
     reports_dir = Path(reports_dir or default_reports_dir(settings.name)).resolve()
     layout.notebooks_dir.mkdir(parents=True, exist_ok=True)
@@ -128,13 +128,35 @@ def run_pipeline(profile: str | Path, run_dir: str | Path | None = None, reports
     return reports_dir
 
 
+def resolve_paths(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """Notebook parameters with relative paths that exist from here made absolute.
+
+    The notebooks run in ``notebooks/``, so ``-p anchor_checkpoint=snapshots/x.safetensors``
+    given from the repository would otherwise name a file that is not there. Other values
+    (and paths that do not exist, which the notebook then reports) pass unchanged;
+    ``reference_checkpoints`` is resolved value by value.
+    """
+    def resolved(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {key: resolved(item) for key, item in value.items()}
+        if isinstance(value, (str, Path)) and not Path(value).is_absolute() and Path(value).exists():
+            return str(Path(value).resolve())
+        return value
+
+    return {key: resolved(value) for key, value in parameters.items()}
+
+
 def _execute(pm, notebook: str, parameters: Mapping, output: Path, kernel_name: str | None, bar: Progress) -> float:
     """Run one notebook in a worker thread while the progress line refreshes; its wall time in seconds."""
     outcome: dict = {}
 
+    path = NOTEBOOK_DIR / f"{notebook}.ipynb"
+    declared = pm.inspect_notebook(str(path))  # only what its parameters cell declares: no "unknown parameter"
+    parameters = {key: value for key, value in parameters.items() if key in declared}
+
     def work() -> None:
         try:
-            pm.execute_notebook(str(NOTEBOOK_DIR / f"{notebook}.ipynb"), str(output), parameters=dict(parameters),
+            pm.execute_notebook(str(path), str(output), parameters=parameters,
                                 cwd=str(NOTEBOOK_DIR), progress_bar=False, kernel_name=kernel_name,
                                 kernel_manager_class=_LocalKernelManager)
         except BaseException as error:  # noqa: BLE001 - re-raised in the calling thread

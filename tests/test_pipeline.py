@@ -136,6 +136,21 @@ def test_console_shows_work_units_and_no_kernel_transport_warning(smoke_run):
     _, _, console = smoke_run
     assert "steps" in console and "images" in console and "ETA" in console
     assert "without encryption" not in console and "TCP" not in console
+    assert "unknown parameter" not in console  # each notebook gets only the parameters it declares
+
+
+def test_relative_notebook_paths_are_resolved_from_where_alice_run_starts(tmp_path, monkeypatch):
+    from alice_lib.driver import resolve_paths
+
+    (tmp_path / "snapshots").mkdir()
+    (tmp_path / "snapshots" / "anchor.safetensors").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    resolved = resolve_paths({"anchor_checkpoint": "snapshots/anchor.safetensors", "kodak_dir": "missing",
+                              "reference_checkpoints": {0.0018: "snapshots/anchor.safetensors"},
+                              "allow_download": False})
+    assert resolved == {"anchor_checkpoint": str(tmp_path / "snapshots" / "anchor.safetensors"),
+                        "kodak_dir": "missing", "allow_download": False,
+                        "reference_checkpoints": {0.0018: str(tmp_path / "snapshots" / "anchor.safetensors")}}
 
 
 def test_results_come_from_real_bitstreams(smoke_run):

@@ -50,7 +50,8 @@ def report(args: argparse.Namespace) -> pd.DataFrame:
         for key in KEYS:
             a, b, h = (logs[n].loc[step, key] for n in ("fp32-seed0", "fp32-seed1", "bf16-seed0"))
             row.update({f"{key}_fp32_s0": a, f"{key}_fp32_s1": b, f"{key}_bf16_s0": h,
-                        f"{key}_seed_spread": abs(b - a), f"{key}_bf16_diff": abs(h - a)})
+                        f"{key}_seed_spread": abs(b - a), f"{key}_bf16_diff": abs(h - a),
+                        f"{key}_within": abs(h - a) <= abs(b - a)})
         row["bf16_within_spread"] = all(row[f"{k}_bf16_diff"] <= row[f"{k}_seed_spread"] for k in KEYS)
         row["step_seconds_fp32"] = logs["fp32-seed0"].loc[step, "seconds"] / args.every
         row["step_seconds_bf16"] = logs["bf16-seed0"].loc[step, "seconds"] / args.every
@@ -58,7 +59,7 @@ def report(args: argparse.Namespace) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "bf16_check.csv", index=False)
-    shown = ["step", *[f"{k}_{s}" for k in ("val_loss", "val_psnr") for s in ("seed_spread", "bf16_diff")],
+    shown = ["step", *[f"{k}_{s}" for k in KEYS for s in ("seed_spread", "bf16_diff", "within")],
              "bf16_within_spread"]
     print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"written: {args.out / 'bf16_check.csv'}")

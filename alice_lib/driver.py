@@ -148,11 +148,10 @@ def resolve_paths(parameters: Mapping[str, Any]) -> dict[str, Any]:
 
 def _execute(pm, notebook: str, parameters: Mapping, output: Path, kernel_name: str | None, bar: Progress) -> float:
     """Run one notebook in a worker thread while the progress line refreshes; its wall time in seconds."""
-    outcome: dict = {}
-
     path = NOTEBOOK_DIR / f"{notebook}.ipynb"
     declared = pm.inspect_notebook(str(path))  # only what its parameters cell declares: no "unknown parameter"
     parameters = {key: value for key, value in parameters.items() if key in declared}
+    outcome: dict = {}
 
     def work() -> None:
         try:

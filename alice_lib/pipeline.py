@@ -271,22 +271,17 @@ def start_adaptation(settings: Settings, run_dir: str | Path, lmbda: float,
     target (:meth:`~alice_lib.settings.Settings.start_of`): its adapters on the frozen
     anchor, or its fine-tuned weights. That run must have been trained (or installed) first.
     """
-    model = load_anchor(run_dir)
-    prepare_method(model, method, settings.model.lora, settings.adaptation.training(method))
     neighbour = settings.start_of(lmbda)
-    if neighbour is None:
-        return model
-    start = RunLayout(run_dir).rate_artifact(method, neighbour)
-    if not start.exists():
+    start = None if neighbour is None else RunLayout(run_dir).rate_artifact(method, neighbour)
+    if start is not None and not start.exists():
         raise PipelineError(f"adapt.start is 'neighbour': the {method} run at lambda {lmbda} starts from the one at "
                             f"{neighbour}, which is not in {run_dir} yet; train that first "
                             f"(alice run goes in this order: {list(settings.adaptation_order())})")
-    if method == "alice":
+    model = load_stf(start) if start is not None and method != "alice" else load_anchor(run_dir)
+    prepare_method(model, method, settings.model.lora, settings.adaptation.training(method))
+    if start is not None and method == "alice":
         load_adapters(start, model)  # same anchor, so the same base weights: the file's check holds
-        return model
-    trained = load_stf(start)
-    prepare_method(trained, method, settings.model.lora, settings.adaptation.training(method))
-    return trained
+    return model
 
 
 def install_shipped_run(settings: Settings, run_dir: str | Path, method: str, lmbda: float) -> Path:

@@ -415,11 +415,11 @@ def training_runs(settings: Settings, n_train: int, run_dir: Path | None = None)
     when the run folder has it or the profile ships it (03_adapt then trains nothing)."""
     runs = []
     for lmbda in settings.adaptation_order():
+        start = settings.start_of(lmbda)
         for method in settings.adaptation.methods:
             shipped = settings.adaptation.shipped_weights(method, lmbda)
             done = ((run_dir is not None and RunLayout(run_dir).rate_artifact(method, lmbda).exists())
                     or (shipped is not None and shipped.exists()))
-            start = settings.start_of(lmbda)
             runs.append(_entry(method, lmbda, settings.adaptation.training(method), n_train, done=done,
                                start="anchor" if start is None else f"{start:g}"))
     return runs

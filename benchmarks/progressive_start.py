@@ -48,12 +48,17 @@ def train(args: argparse.Namespace) -> None:
         print(f"lambda {lmbda}: {row['status']}, {row['artifact']}", flush=True)
 
 
-def compare(independent: Path, progressive: Path, lmbdas: list[float]) -> pd.DataFrame:
+def read_logs(independent: Path, progressive: Path, lmbdas: list[float]) -> dict[float, tuple[pd.DataFrame, ...]]:
+    """Per lambda, the training logs (``metrics.csv``) of the independent and the progressive run."""
+    return {lmbda: tuple(pd.read_csv(RunLayout(folder).rate_log(METHOD, lmbda)) for folder in (independent, progressive))
+            for lmbda in lmbdas}
+
+
+def compare(logs: dict[float, tuple[pd.DataFrame, ...]]) -> pd.DataFrame:
     """Per lambda: each scheme's final validation objective, and the first validated step at
     which the progressive run is at or below the independent run's final objective."""
     rows = []
-    for lmbda in lmbdas:
-        ind, pro = (pd.read_csv(RunLayout(folder).rate_log(METHOD, lmbda)) for folder in (independent, progressive))
+    for lmbda, (ind, pro) in logs.items():
         final = float(ind["val_loss"].iloc[-1])
         reached = pro.loc[pro["val_loss"] <= final, "step"]
         rows.append({"lmbda": lmbda, "steps": int(ind["step"].iloc[-1]), "independent_final": final,
@@ -69,13 +74,13 @@ def report(args: argparse.Namespace) -> pd.DataFrame:
     import matplotlib.pyplot as plt
 
     settings = load_settings(args.profile)
-    table = compare(args.independent, args.progressive, sorted(settings.targets))
+    logs = read_logs(args.independent, args.progressive, sorted(settings.targets))
+    table = compare(logs)
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "progressive.csv", index=False)
     fig, axes = plt.subplots(1, len(table), figsize=(3 * len(table), 3), sharex=True)
-    for ax, lmbda in zip(axes, table["lmbda"]):
-        for folder, label in ((args.independent, "independent"), (args.progressive, "progressive")):
-            log = pd.read_csv(RunLayout(folder).rate_log(METHOD, lmbda))
+    for ax, (lmbda, runs) in zip(axes, logs.items()):
+        for log, label in zip(runs, ("independent", "progressive")):
             ax.plot(log["step"], log["val_loss"], marker=".", label=label)
         ax.set(title=f"λ = {lmbda}", xlabel="steps")
     axes[0].set_ylabel("validation objective")

@@ -8,7 +8,10 @@ with one schedule.
 
 The run is ``alice train --method full`` on the chosen CPU size (``cpu_scale_pilot.py``)
 at a constant learning rate (a schedule of a given length would decide the curve's
-shape in advance), validating every ``--every`` steps; it resumes where it stopped.
+shape in advance), validating every ``--every`` steps; it resumes where it stopped. It
+trains in doublings (2, 4, 8 ... validations) and stops at the first doubling after which
+the rule names an N: longer training cannot change the first N that qualifies, and a
+constant rate makes the stages one run.
 
     python benchmarks/fine_tune_budget.py train --init ANCHOR.safetensors --root runs/budget --steps 4000
     python benchmarks/fine_tune_budget.py report --root runs/budget --out docs/cpu-scale/budget
@@ -39,8 +42,8 @@ def budget(steps: list[int], objective: list[float], tolerance: float = 0.01) ->
     return None
 
 
-def train_command(args: argparse.Namespace) -> list[str]:
-    schedule = {"batch_size": 4, "crop": 256, "lr": args.lr, "schedule": "constant", "steps": args.steps,
+def train_command(args: argparse.Namespace, steps: int) -> list[str]:
+    schedule = {"batch_size": 4, "crop": 256, "lr": args.lr, "schedule": "constant", "steps": steps,
                 "validate_every": args.every, "checkpoint_every": 50, "average_decay": args.average_decay,
                 "precision": "fp32", "seed": 0}
     overrides = {"data.train_dir": str(args.data), "data.val_images": 16, "data.val_crop": 256,
@@ -48,6 +51,32 @@ def train_command(args: argparse.Namespace) -> list[str]:
                  **{f"model.{k}": v for k, v in CANDIDATES[SIZE].items()}}
     return alice_train(args.root, args.threads, overrides, "--method", "full", "--lmbda", str(LMBDA),
                        "--init", str(args.init))
+
+
+def stages(every: int, cap: int) -> list[int]:
+    """The step counts the run stops at to test the rule: ``every`` doubled from 2 ``every`` up to ``cap``."""
+    targets, steps = [], 2 * every
+    while steps < cap:
+        targets.append(steps)
+        steps *= 2
+    return targets + [cap]
+
+
+def train(args: argparse.Namespace) -> int:
+    """Train in doublings until the rule names N (or ``--steps``); the exit status of the last stage."""
+    args.root.mkdir(parents=True, exist_ok=True)
+    status = 0
+    for steps in stages(args.every, args.steps):
+        with open(args.root / "train.log", "a") as log:
+            status = subprocess.call(train_command(args, steps), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        if status:
+            break
+        log_table = pd.read_csv(args.root / "metrics.csv")
+        n = budget(log_table["step"].tolist(), log_table["val_loss"].tolist(), args.tolerance)
+        print(f"trained {steps} steps: " + (f"budget N = {n}" if n is not None else "no N yet"), flush=True)
+        if n is not None:
+            break
+    return status
 
 
 def report(args: argparse.Namespace) -> int | None:
@@ -83,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", type=Path, default=ROOT / "runs" / "fine-tune-budget")
     parser.add_argument("--init", type=Path, help="train: the anchor's weights (a model file)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--steps", type=int, default=6400, help="train: at most this many steps")
     parser.add_argument("--every", type=int, default=100, help="validate every N steps")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--average-decay", type=float, default=0.99)
@@ -94,9 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "train":
         if args.init is None:
             parser.error("train needs --init (the anchor's weights)")
-        args.root.mkdir(parents=True, exist_ok=True)
-        with open(args.root / "train.log", "a") as log:
-            sys.exit(subprocess.call(train_command(args), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
+        sys.exit(train(args))
     report(args)
 
 

@@ -6,6 +6,7 @@ of ``train.py`` resuming."""
 
 from __future__ import annotations
 
+import argparse
 import functools
 import math
 import os
@@ -16,6 +17,7 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from pytorch_msssim import ms_ssim
@@ -955,6 +957,36 @@ def test_the_pilots_command_builds_the_pilots_configuration(monkeypatch, tmp_pat
     torch.manual_seed(0)
     fresh = SymmetricalTransFormer(STFConfig(**model_config))
     assert torch.equal(seen["model"].h_a[-1].weight, 300 * fresh.h_a[-1].weight)  # recipe v2's start
+
+
+def test_the_budget_measurement_stops_at_the_first_doubling_that_names_n(monkeypatch, tmp_path):
+    """benchmarks/fine_tune_budget.py: N is the first validated step whose double gains under 1 %, and
+    training stops at the first doubling after which the rule names one."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import fine_tune_budget
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert fine_tune_budget.budget([100, 200, 400, 800], [10.0, 8.0, 7.95, 7.0]) == 200
+    assert fine_tune_budget.budget([100, 200, 400], [10.0, 8.0, 7.0]) is None
+    assert fine_tune_budget.stages(100, 6400) == [200, 400, 800, 1600, 3200, 6400]
+    assert fine_tune_budget.stages(100, 1000) == [200, 400, 800, 1000]
+
+    objective = {100: 10.0, 200: 8.0, 300: 7.5, 400: 7.45, 500: 7.44, 600: 7.43, 700: 7.42, 800: 7.41, 900: 7.4}
+    stopped_at = []
+
+    def fake_training(argv, **kwargs):  # appends the validations up to the stage's steps, as a resumed run does
+        steps = int(next(a for a in argv if a.startswith("adapt.full.steps=")).split("=")[1])
+        stopped_at.append(steps)
+        rows = [{"step": s, "val_loss": v} for s, v in objective.items() if s <= steps]
+        pd.DataFrame(rows).to_csv(tmp_path / "metrics.csv", index=False)
+        return 0
+
+    monkeypatch.setattr(fine_tune_budget.subprocess, "call", fake_training)
+    namespace = argparse.Namespace(root=tmp_path, init=Path("anchor.safetensors"), data=Path("photos"), steps=6400,
+                                   every=100, lr=5e-4, average_decay=0.99, threads=1, tolerance=0.01)
+    assert fine_tune_budget.train(namespace) == 0
+    assert stopped_at == [200, 400, 800]  # after 800 steps N = 300 qualifies (7.43 > 0.99 * 7.5); 400 does too
 
 
 def test_a_checkpoint_that_used_a_removed_switch_says_so_when_it_resumes(tmp_path, images):

@@ -139,8 +139,15 @@ def export_trained(folder: str | Path, out_path: str | Path) -> Path:
     load_weights(model, best, folder / "best.pt", averaged=True)
     path = ship_stf(out_path, model, {"lmbda": best["lmbda"], "trained_steps": best["step"],
                                       "best_val_loss": best["best_loss"]})
-    atomic_copy(folder / TRAINING_LOG, out_path.with_suffix(".metrics.csv"))
+    ship_log(folder / TRAINING_LOG, out_path.with_suffix(".metrics.csv"))
     return path
+
+
+def ship_log(log: Path, out: Path) -> Path:
+    """A training log as it ships beside its weights: every row and column, floats to 7 significant
+    digits (about half the bytes of the full-precision log, in a package with a size budget)."""
+    table = pd.read_csv(log)
+    return atomic_write_bytes(out, table.to_csv(index=False, float_format="%.7g").encode())
 
 
 def _install_model(source: Path, out: Path, lmbda: float, config: STFConfig | None = None) -> Path:
@@ -324,7 +331,8 @@ def ship_run(settings: Settings, run_dir: str | Path, method: str, lmbda: float,
     ``adapt.weights`` name: ALICE's adapters in float16; ``vanilla`` and ``full`` rounded
     to float16, their coder tables rebuilt from the stored values, as what differs from the
     run's anchor (:func:`~alice_lib.checkpoints.save_weight_delta`: ``vanilla``'s
-    ``fc1``/``fc2``, ``full``'s parameters without the constants); the training log beside it.
+    ``fc1``/``fc2``, ``full``'s parameters without the constants); the training log beside it
+    (:func:`ship_log`).
     """
     layout = RunLayout(run_dir)
     pattern = settings.adaptation.shipped_weights(method, lmbda)
@@ -343,7 +351,7 @@ def ship_run(settings: Settings, run_dir: str | Path, method: str, lmbda: float,
         save_weight_delta(out, stored_as(load_stf(artifact), torch.float16), load_anchor(run_dir),
                           {"lmbda": lmbda, "method": method, "anchor_lmbda": settings.anchor.lmbda})
     if layout.rate_log(method, lmbda).exists():
-        atomic_copy(layout.rate_log(method, lmbda), out.with_suffix(".metrics.csv"))
+        ship_log(layout.rate_log(method, lmbda), out.with_suffix(".metrics.csv"))
     return out
 
 

@@ -210,6 +210,8 @@ def test_own_safetensors_round_trip(tmp_path):
 
 def test_half_precision_storage_codes_like_the_rounded_model(tmp_path):
     """float16 files (``ship_stf``): half the bytes, and the loaded model's bitstreams equal the saving model's."""
+    from safetensors import safe_open
+
     from alice_lib.checkpoints import read_checkpoint, ship_stf
 
     torch.manual_seed(0)
@@ -226,6 +228,11 @@ def test_half_precision_storage_codes_like_the_rounded_model(tmp_path):
     # and a model fine-tuned from the file would see an infinite rate.
     assert loaded.gaussian_conditional.likelihood_lower_bound.bound.item() == pytest.approx(1e-9)
     assert torch.equal(loaded.gaussian_conditional.scale_table, model.gaussian_conditional.scale_table)
+    with safe_open(str(half), framework="pt") as f:  # window indexes: int64 in the model, int16 on disk
+        indexes = {k: f.get_tensor(k) for k in f.keys() if k.endswith("relative_position_index")}
+    assert indexes and all(v.dtype == torch.int16 for v in indexes.values())
+    state = loaded.state_dict()
+    assert all(state[k].dtype == torch.int64 and torch.equal(state[k], model.state_dict()[k]) for k in indexes)
     likelihoods = loaded.train()(torch.rand(1, 3, 64, 64))["likelihoods"]
     assert all(v.min() > 0 for v in likelihoods.values())
     loaded.eval()

@@ -204,9 +204,8 @@ def _narrowed(key: str, value: Tensor) -> Tensor:
     CPU model's float16 file, in a package with a size budget); loading copies it back into
     the model's int64 buffer. Coder tables keep the types CompressAI gives them.
     """
-    if value.is_floating_point() or is_coder_buffer(key) or value.dtype in (torch.int16, torch.int8, torch.uint8,
-                                                                             torch.bool) or not value.numel():
-        return value
+    if value.is_floating_point() or is_coder_buffer(key) or value.element_size() <= 2 or not value.numel():
+        return value  # already 16 bits or fewer (int16, int8, uint8, bool), or nothing to narrow
     info = torch.iinfo(torch.int16)
     return value.to(torch.int16) if info.min <= int(value.min()) and int(value.max()) <= info.max else value
 

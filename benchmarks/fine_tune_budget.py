@@ -42,6 +42,12 @@ def budget(steps: list[int], objective: list[float], tolerance: float = 0.01) ->
     return None
 
 
+def logged_budget(root: Path, tolerance: float) -> tuple[pd.DataFrame, int | None]:
+    """The run's log (``metrics.csv``) and the N its validations name so far (None: train longer)."""
+    log = pd.read_csv(root / "metrics.csv")
+    return log, budget(log["step"].tolist(), log["val_loss"].tolist(), tolerance)
+
+
 def train_command(args: argparse.Namespace, steps: int) -> list[str]:
     schedule = {"batch_size": 4, "crop": 256, "lr": args.lr, "schedule": "constant", "steps": steps,
                 "validate_every": args.every, "checkpoint_every": 50, "average_decay": args.average_decay,
@@ -71,8 +77,7 @@ def train(args: argparse.Namespace) -> int:
             status = subprocess.call(train_command(args, steps), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         if status:
             break
-        log_table = pd.read_csv(args.root / "metrics.csv")
-        n = budget(log_table["step"].tolist(), log_table["val_loss"].tolist(), args.tolerance)
+        _, n = logged_budget(args.root, args.tolerance)
         print(f"trained {steps} steps: " + (f"budget N = {n}" if n is not None else "no N yet"), flush=True)
         if n is not None:
             break
@@ -84,8 +89,7 @@ def report(args: argparse.Namespace) -> int | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    log = pd.read_csv(args.root / "metrics.csv")
-    n = budget(log["step"].tolist(), log["val_loss"].tolist(), args.tolerance)
+    log, n = logged_budget(args.root, args.tolerance)
     at = dict(zip(log["step"], log["val_loss"]))
     table = pd.DataFrame([{"N": s, "obj_N": at[s], "obj_2N": at[2 * s], "ratio": at[2 * s] / at[s]}
                           for s in sorted(at) if 2 * s in at])

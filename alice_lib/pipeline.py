@@ -124,7 +124,8 @@ def train_from_scratch(settings: Settings, run_dir: str | Path, lmbda: float, ou
     return export_trained(folder, out_path)
 
 
-def export_trained(folder: str | Path, out_path: str | Path) -> Path:
+def export_trained(folder: str | Path, out_path: str | Path, earlier_log: str | Path | None = None,
+                   earlier_steps: int = 0) -> Path:
     """The best checkpoint of a fixed-rate training folder as a float16 model file, as models ship.
 
     The weights (the moving average where the run kept one) are rounded to float16 and the
@@ -132,21 +133,39 @@ def export_trained(folder: str | Path, out_path: str | Path) -> Path:
     that a model trained here is the same kind of file as the one a profile ships, and
     adapters trained on it fit the shipped form. Its ``metrics.csv`` is copied beside it
     (``<name>.metrics.csv``), so that a shipped model keeps its training log.
+
+    A run that continued another run's weights (``alice train --init``, its optimiser afresh)
+    ships as one model: ``earlier_steps`` (the earlier run's steps at those weights) are added
+    to its own, and ``earlier_log`` comes first in the shipped log, the two told apart by a
+    ``leg`` column (1, 2) and the continuation's steps counted from ``earlier_steps``.
     """
     folder, out_path = Path(folder), Path(out_path)
     best = load_checkpoint(folder / "best.pt")
     model = SymmetricalTransFormer(STFConfig(**best["model_config"]))
     load_weights(model, best, folder / "best.pt", averaged=True)
-    path = ship_stf(out_path, model, {"lmbda": best["lmbda"], "trained_steps": best["step"],
-                                      "best_val_loss": best["best_loss"]})
-    ship_log(folder / TRAINING_LOG, out_path.with_suffix(".metrics.csv"))
+    log = pd.read_csv(folder / TRAINING_LOG)
+    meta = {"lmbda": best["lmbda"], "trained_steps": earlier_steps + best["step"], "best_val_loss": best["best_loss"]}
+    if earlier_log is not None:
+        log = joined_log(pd.read_csv(earlier_log), log, earlier_steps)
+        meta["legs"] = f"{earlier_steps} steps, then {best['step']} continued from their weights"
+    path = ship_stf(out_path, model, meta)
+    ship_log(log, out_path.with_suffix(".metrics.csv"))
     return path
 
 
-def ship_log(log: Path, out: Path) -> Path:
+def joined_log(earlier: pd.DataFrame, continued: pd.DataFrame, earlier_steps: int) -> pd.DataFrame:
+    """Two legs of one model's training as one log: the continuation's steps counted from ``earlier_steps``."""
+    if earlier_steps <= 0 or earlier["step"].max() > earlier_steps:
+        raise ValueError(f"the earlier log reaches step {earlier['step'].max()}, past the {earlier_steps} steps "
+                         "it is said to have trained")
+    continued = continued.assign(step=continued["step"] + earlier_steps)
+    return pd.concat([earlier.assign(leg=1), continued.assign(leg=2)], ignore_index=True)
+
+
+def ship_log(log: Path | pd.DataFrame, out: Path) -> Path:
     """A training log as it ships beside its weights: every row and column, floats to 7 significant
     digits (about half the bytes of the full-precision log, in a package with a size budget)."""
-    table = pd.read_csv(log)
+    table = log if isinstance(log, pd.DataFrame) else pd.read_csv(log)
     return atomic_write_bytes(out, table.to_csv(index=False, float_format="%.7g").encode())
 
 

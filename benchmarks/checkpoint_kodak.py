@@ -46,7 +46,8 @@ def model_from_checkpoint(path: Path, anchor: Path = DEFAULT_ANCHOR) -> tuple[Sy
     ``anchor``: the frozen weights under a trainable-only checkpoint (an adaptation run's)."""
     if path.suffix == ".safetensors":
         _, _, metadata = read_checkpoint(path)
-        return load_stf(path), {"step": metadata.get("step"), "lmbda": metadata.get("lmbda")}
+        step = metadata.get("step", metadata.get("trained_steps"))  # a snapshot's, or a shipped model's
+        return load_stf(path), {"step": step, "lmbda": metadata.get("lmbda")}
     ckpt = load_checkpoint(path)
     model = load_stf(anchor) if "frozen_hash" in ckpt else SymmetricalTransFormer(STFConfig(**ckpt["model_config"]))
     if any(".lora." in key for key in ckpt["model"]):  # an ALICE run: adapters on the frozen anchor, coded merged

@@ -11,7 +11,7 @@ continues each run until its training time (the ``seconds`` column of its
 
     python benchmarks/cpu_scale_pilot.py train --hours 3          # resumable; Ctrl-C stops every run
     python benchmarks/cpu_scale_pilot.py report --out docs/cpu-scale/pilot
-    python benchmarks/cpu_scale_pilot.py report-anchor --run /work/cpu-scale-runs/anchor --out docs/cpu-scale/anchor
+    python benchmarks/cpu_scale_pilot.py report-anchor --run alice_lib/weights/next/cpu_anchor.metrics.csv --out docs/cpu-scale/anchor
     python benchmarks/checkpoint_kodak.py runs/cpu-scale-pilot/*/best.pt   # Kodak, real bitstreams, vs JPEG
 
 ``report`` writes ``pilot.csv`` (the last validation of each run, its steps and
@@ -147,30 +147,40 @@ def report(args: argparse.Namespace) -> pd.DataFrame:
 def report_anchor(args: argparse.Namespace) -> pd.DataFrame:
     """The anchor's run (the chosen candidate, continued): its log, its curve and power-law fits of its loss.
 
-    Writes ``metrics.csv`` (the run's whole log), ``anchor.png`` (validation loss against steps on
-    log axes with the fits, and PSNR) and ``fits.csv``: for each first step, the exponent of
-    ``loss ~ steps^k`` fitted from there on and the steps at which the fit reaches ``--target``.
+    ``--run`` is the run folder (its ``metrics.csv``) or a log file; a shipped anchor's log
+    (``alice_lib/weights/*.metrics.csv``) may hold two legs, a run and its continuation from
+    the first's weights, told apart by its ``leg`` column. Writes ``metrics.csv`` (the log as
+    read), ``anchor.png`` (validation loss against steps on log axes with the fits, and PSNR)
+    and ``fits.csv``: for each first step, the exponent of ``loss ~ steps^k`` fitted from there
+    on over the first leg (the held learning rate) and the steps at which the fit reaches
+    ``--target``.
     """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    log = pd.read_csv(args.run / "metrics.csv")
+    source = args.run if args.run.suffix == ".csv" else args.run / "metrics.csv"
+    log = pd.read_csv(source)
+    legs = [part for _, part in log.groupby("leg")] if "leg" in log else [log]
+    first_leg = legs[0]
     rows = []
     for first in args.fit_from:
-        part = log[log["step"] >= first]
+        part = first_leg[first_leg["step"] >= first]
         k, c = np.polyfit(np.log(part["step"]), np.log(part["val_loss"]), 1)
-        rows.append({"fit_from_step": first, "last_step": int(log["step"].iloc[-1]), "exponent": k,
+        rows.append({"fit_from_step": first, "last_step": int(first_leg["step"].iloc[-1]), "exponent": k,
                      "log_scale": c, "steps_to_target": float(np.exp((np.log(args.target) - c) / k)),
                      "target": args.target})
     fits = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    if (args.run / "metrics.csv").resolve() != (args.out / "metrics.csv").resolve():
-        shutil.copyfile(args.run / "metrics.csv", args.out / "metrics.csv")  # the log as written, byte for byte
+    if source.resolve() != (args.out / "metrics.csv").resolve():
+        shutil.copyfile(source, args.out / "metrics.csv")  # the log as written, byte for byte
     fits.to_csv(args.out / "fits.csv", index=False)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    axes[0].loglog(log["step"], log["val_loss"], marker=".", label="validation loss")
+    names = ["lr held", "continued: a cosine to zero"] if len(legs) > 1 else ["validation"]
+    for part, name in zip(legs, names):
+        axes[0].loglog(part["step"], part["val_loss"], marker=".", label=f"validation loss ({name})")
+        axes[1].plot(part["step"], part["val_psnr"], marker=".", label=name)
     for row in rows:
         steps = np.geomspace(row["fit_from_step"], row["steps_to_target"], 50)
         fitted = np.exp(row["log_scale"]) * steps ** row["exponent"]  # the fit itself, loss = e^c * steps^k
@@ -178,8 +188,9 @@ def report_anchor(args: argparse.Namespace) -> pd.DataFrame:
     axes[0].axhline(args.target, color="gray", linestyle="--", label=f"JPEG-level objective ~{args.target:g}")
     axes[0].set(xlabel="steps (batch 4 of 256 px)", ylabel="validation loss (λ·255²·MSE + bpp)")
     axes[0].legend(fontsize=7)
-    axes[1].plot(log["step"], log["val_psnr"], marker=".")
     axes[1].set(xlabel="steps", ylabel="validation PSNR (dB)")
+    if len(legs) > 1:
+        axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(args.out / "anchor.png", dpi=120)
     print(fits.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
@@ -196,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hours", type=float, default=3.0, help="training time per candidate")
     parser.add_argument("--threads", type=int, default=1, help="threads per candidate")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "cpu-scale" / "pilot")
-    parser.add_argument("--run", type=Path, default=ROOT / "runs" / "cpu-anchor", help="report-anchor: the run folder")
+    parser.add_argument("--run", type=Path, default=ROOT / "runs" / "cpu-anchor",
+                        help="report-anchor: the run folder or its log (a shipped anchor's .metrics.csv)")
     parser.add_argument("--fit-from", type=int, nargs="+", default=[1000, 2600], help="report-anchor: fit starts")
     parser.add_argument("--target", type=float, default=3.9, help="report-anchor: the objective to project to")
     args = parser.parse_args(argv)

@@ -18,6 +18,7 @@ import torch
 import pytest
 
 from alice_lib import pipeline as wb
+from alice_lib.checkpoints import read_checkpoint
 from alice_lib.cli import main
 from alice_lib.driver import WIDGET_VIEW, report_files, run_pipeline, strip_notebook
 from alice_lib.settings import PROFILE_DIR, load_settings, save_settings
@@ -214,6 +215,24 @@ def test_references_are_trained_from_scratch_with_the_anchors_recipe(smoke_run):
     finetuned = rows[rows["method"] == "full"].set_index("lmbda")["bpp"]
     assert sorted(fixed.index) == sorted(finetuned.index) == sorted(spec.targets)
     assert (fixed != finetuned).all()  # two different models per lambda, not one curve twice
+
+
+def test_a_continued_run_ships_as_one_model_with_both_legs_of_its_log(smoke_run, tmp_path):
+    run_dir, _, _ = smoke_run
+    spec = wb.load_profile("smoke")
+    folder = wb.RunLayout(run_dir).anchor_training(spec.targets[0])
+    earlier = pd.DataFrame({"step": [10, 20], "val_loss": [9.0, 8.0]})
+    earlier.to_csv(tmp_path / "earlier.csv", index=False)
+    out = wb.export_trained(folder, tmp_path / "model.safetensors", tmp_path / "earlier.csv", earlier_steps=25)
+    _, _, meta = read_checkpoint(out)
+    best = torch.load(folder / "best.pt", map_location="cpu", weights_only=True)
+    assert int(meta["trained_steps"]) == 25 + best["step"]
+    log, own = pd.read_csv(out.with_suffix(".metrics.csv")), pd.read_csv(folder / "metrics.csv")
+    assert log["leg"].tolist() == [1, 1] + [2] * len(own)
+    assert log["step"].tolist() == [10, 20] + (own["step"] + 25).tolist()
+    with pytest.raises(ValueError, match="past the 15 steps"):
+        wb.export_trained(folder, tmp_path / "bad.safetensors", tmp_path / "earlier.csv", earlier_steps=15)
+    assert not (tmp_path / "bad.safetensors").exists()
 
 
 def test_second_run_resumes_without_training(smoke_run):

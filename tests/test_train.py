@@ -28,6 +28,8 @@ from alice_lib import train as train_mod
 from alice_lib.data import SyntheticImages
 from alice_lib.evaluation.metrics import msssim_window
 from alice_lib.models.stf import STFConfig, SymmetricalTransFormer
+from alice_lib.run_folder import RunLayout
+from alice_lib.settings import load_settings
 from alice_lib.train import (
     CHECKPOINT_FORMAT,
     NonFiniteLossError,
@@ -987,6 +989,27 @@ def test_the_budget_measurement_stops_at_the_first_doubling_that_names_n(monkeyp
                                    every=100, lr=5e-4, average_decay=0.99, threads=1, tolerance=0.01)
     assert fine_tune_budget.train(namespace) == 0
     assert stopped_at == [200, 400, 800]  # after 800 steps N = 300 qualifies (7.43 > 0.99 * 7.5); 400 does too
+
+
+def test_the_cpu_chain_reads_n_back_and_stages_only_the_runs_it_trained(tmp_path):
+    """benchmarks/cpu_next_chain.py: the budget's committed table names the same N as the rule on the log,
+    and a run installed from a staged file is not staged again."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import cpu_next_chain
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert cpu_next_chain.committed_budget(tmp_path) is None
+    pd.DataFrame({"N": [100, 200, 400], "obj_N": [10.0, 8.0, 7.95], "obj_2N": [8.0, 7.95, 7.0]}).to_csv(
+        tmp_path / "budget.csv", index=False)  # as fine_tune_budget.py report writes it
+    assert cpu_next_chain.committed_budget(tmp_path) == 200
+    settings = load_settings(REPO / "docs" / "cpu-scale" / "cpu-next.yaml")
+    layout = RunLayout(tmp_path / "run")
+    for method, lmbda in [("alice", 0.0018), ("full", 0.025)]:
+        layout.rate_artifact(method, lmbda).parent.mkdir(parents=True, exist_ok=True)
+        layout.rate_artifact(method, lmbda).write_bytes(b"trained")
+    layout.rate_source("full", 0.025).write_text("{}")  # installed from its staged file
+    assert cpu_next_chain.trained_here(settings, tmp_path / "run") == [("alice", 0.0018)]
 
 
 def test_a_checkpoint_that_used_a_removed_switch_says_so_when_it_resumes(tmp_path, images):

@@ -58,23 +58,28 @@ def committed_budget(out: Path = BUDGET_DIR) -> int | None:
     return budget(sorted(at), [at[n] for n in sorted(at)])
 
 
+def _runs(settings: Settings) -> list[tuple[str, float]]:
+    return [(method, lmbda) for method in settings.adaptation.methods for lmbda in settings.targets]
+
+
 def trained_here(settings: Settings, run_dir: Path) -> list[tuple[str, float]]:
     """The (method, lambda) runs that ``run_dir`` trained (not installed from staged files) and finished."""
     layout = RunLayout(run_dir)
-    return [(method, lmbda) for method in settings.adaptation.methods for lmbda in settings.targets
+    return [(method, lmbda) for method, lmbda in _runs(settings)
             if layout.rate_artifact(method, lmbda).exists() and not layout.rate_source(method, lmbda).exists()]
 
 
 def unstaged(settings: Settings) -> list[tuple[str, float]]:
-    return [(method, lmbda) for method in settings.adaptation.methods for lmbda in settings.targets
+    """The (method, lambda) runs with no staged file yet."""
+    return [(method, lmbda) for method, lmbda in _runs(settings)
             if not settings.adaptation.shipped_weights(method, lmbda).exists()]
 
 
 def stage(args: argparse.Namespace) -> list[Path]:
     settings = load_settings(args.profile)
+    missing = unstaged(settings)
     staged = [wb.ship_run(settings, args.root / "main", method, lmbda)
-              for method, lmbda in trained_here(settings, args.root / "main")
-              if not settings.adaptation.shipped_weights(method, lmbda).exists()]
+              for method, lmbda in trained_here(settings, args.root / "main") if (method, lmbda) in missing]
     for path in staged:
         print(f"staged: {path.relative_to(ROOT)} ({path.stat().st_size / 1e6:.2f} MB)")
     print(f"still to train: {unstaged(settings) or 'nothing'}")

@@ -95,6 +95,7 @@ def report(args: argparse.Namespace) -> int | None:
                           for s in sorted(at) if 2 * s in at])
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "budget.csv", index=False)
+    log.to_csv(args.out / "metrics.csv", index=False)  # the whole curve, beside the pairs the rule reads
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(log["step"], log["val_loss"], marker=".")
     if n is not None:
@@ -106,7 +107,7 @@ def report(args: argparse.Namespace) -> int | None:
     fig.savefig(args.out / "budget.png", dpi=120)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"budget N = {n}" if n is not None else "no N yet: train longer")
-    print(f"written: {args.out / 'budget.csv'}, {args.out / 'budget.png'}")
+    print(f"written: {args.out / 'budget.csv'}, {args.out / 'metrics.csv'}, {args.out / 'budget.png'}")
     return n
 
 

@@ -103,11 +103,10 @@ def _call(command: list[str], log: Path) -> None:
             raise SystemExit(f"failed: {' '.join(command)} (its output: {log})")
 
 
-def _alice_run(args: argparse.Namespace, steps: str) -> None:
+def _alice_run(args: argparse.Namespace) -> None:
     """The staged profile's main job in ``ROOT/main``: staged runs installed, the others trained, one Kodak image."""
     _call([sys.executable, "-m", "alice_lib.cli", "run", "--profile", str(args.profile), "--run-dir",
-           str(args.root / "main"), "--reports-dir", str(args.root / "main-reports"), "-p", steps,
-           "-p", "eval.max_images=1"], args.root / "main.log")
+           str(args.root / "main"), "--reports-dir", str(args.root / "main-reports"), "-p", "eval.max_images=1"], args.root / "main.log")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -124,17 +123,16 @@ def run(args: argparse.Namespace) -> None:
                          f"in {args.profile} to it (or to what the plan holds), commit both, run again")
     n = settings.adaptation.training(settings.adaptation.methods[0]).steps  # one budget for every method
     print(f"budget: {n} steps (the profile's adapt.steps; the rule's N: {committed_budget()})", flush=True)
-    steps = f"adapt.steps={n}"
     if unstaged(settings):
-        _alice_run(args, steps)
+        _alice_run(args)
         print("every run trained: stage them (python benchmarks/cpu_next_chain.py stage) and commit", flush=True)
         return
     out = ROOT / "docs" / "cpu-scale" / "progressive"
     _call([python, str(bench / "progressive_start.py"), "train", "--profile", str(args.profile), "--anchor",
            str(anchor), "--start", "neighbour", "--run-dir", str(args.root / "progressive"), "--threads",
-           str(args.threads), "--no-progress", "-p", steps], args.root / "progressive.log")
+           str(args.threads), "--no-progress"], args.root / "progressive.log")
     if not (args.root / "main").exists():
-        _alice_run(args, steps)  # installs the staged runs: the independent runs' logs to compare with
+        _alice_run(args)  # installs the staged runs: the independent runs' logs to compare with
     _call([python, str(bench / "progressive_start.py"), "report", "--profile", str(args.profile),
            "--independent", str(args.root / "main"), "--progressive", str(args.root / "progressive"),
            "--out", str(out)], args.root / "progressive.log")

@@ -9,7 +9,11 @@ which the progressive run first reaches the independent run's final objective.
 
 ``train`` runs the adaptations of one scheme into a run folder of their own (data,
 anchor, then ``pipeline.adapt`` outwards from the anchor), resumable; the independent
-runs may equally come from ``alice run -p use_shipped=false`` (its run folder).
+runs may equally come from ``alice run -p use_shipped=false`` (its run folder). The first
+rate of the progressive order starts from the anchor exactly as its independent run does:
+``--first-shipped`` installs the profile's shipped run there instead of training it again,
+and ``-p adapt.steps=N`` gives the later rates a budget of their own (the question being
+how few steps a neighbour's start needs).
 
     python benchmarks/progressive_start.py train --anchor ANCHOR.safetensors --start anchor --run-dir runs/independent
     python benchmarks/progressive_start.py train --anchor ANCHOR.safetensors --start neighbour --run-dir runs/progressive
@@ -44,6 +48,10 @@ def train(args: argparse.Namespace) -> None:
     wb.prepare_data(settings, args.run_dir, train_folder=args.data, allow_download=False)
     wb.prepare_anchor(settings, args.run_dir, checkpoint=str(args.anchor))
     for lmbda in settings.adaptation_order():
+        if args.first_shipped and settings.start_of(lmbda) is None:  # from the anchor: the independent run itself
+            shipped = wb.install_shipped_run(load_settings(args.profile, overrides), args.run_dir, METHOD, lmbda)
+            print(f"lambda {lmbda}: shipped, {shipped}", flush=True)
+            continue
         row = wb.adapt(settings, args.run_dir, lmbda, METHOD, progress=not args.no_progress)
         print(f"lambda {lmbda}: {row['status']}, {row['artifact']}", flush=True)
 
@@ -55,15 +63,18 @@ def read_logs(independent: Path, progressive: Path, lmbdas: list[float]) -> dict
 
 
 def compare(logs: dict[float, tuple[pd.DataFrame, ...]]) -> pd.DataFrame:
-    """Per lambda: each scheme's final validation objective, and the first validated step at
-    which the progressive run is at or below the independent run's final objective."""
+    """Per lambda: each scheme's budget and final validation objective, the independent run's
+    objective at the progressive run's last step (where it validated there), and the first
+    validated step at which the progressive run is at or below the independent run's final."""
     rows = []
     for lmbda, (ind, pro) in logs.items():
-        final = float(ind["val_loss"].iloc[-1])
+        final, steps = float(ind["val_loss"].iloc[-1]), int(pro["step"].iloc[-1])
         reached = pro.loc[pro["val_loss"] <= final, "step"]
-        rows.append({"lmbda": lmbda, "steps": int(ind["step"].iloc[-1]), "independent_final": final,
-                     "progressive_first": float(pro["val_loss"].iloc[0]),
+        same_step = ind.loc[ind["step"] == steps, "val_loss"]
+        rows.append({"lmbda": lmbda, "independent_steps": int(ind["step"].iloc[-1]), "independent_final": final,
+                     "progressive_steps": steps, "progressive_first": float(pro["val_loss"].iloc[0]),
                      "progressive_final": float(pro["val_loss"].iloc[-1]),
+                     "independent_at_progressive_steps": float(same_step.iloc[0]) if len(same_step) else None,
                      "progressive_steps_to_independent_final": int(reached.iloc[0]) if len(reached) else None})
     return pd.DataFrame(rows)
 
@@ -102,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "bsds432"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--first-shipped", action="store_true",
+                        help="train: install the profile's shipped run at the first rate (it starts from the anchor)")
     parser.add_argument("-p", action="append", default=[], metavar="KEY=VALUE", help="a settings override")
     parser.add_argument("--independent", type=Path)
     parser.add_argument("--progressive", type=Path)

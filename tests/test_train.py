@@ -1015,6 +1015,25 @@ def test_the_cpu_chain_reads_n_back_and_stages_only_the_runs_it_trained(tmp_path
     assert cpu_next_chain.trained_here(settings, tmp_path / "run") == [("alice", 0.0018)]
 
 
+def test_the_progressive_report_compares_each_rate_at_both_budgets():
+    """benchmarks/progressive_start.py: the independent run's objective at the progressive run's
+    last step, and the first step at which the progressive run reaches the independent's final."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import progressive_start
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    independent = pd.DataFrame({"step": [100, 200, 300, 400], "val_loss": [2.0, 1.8, 1.7, 1.6]})
+    logs = {0.013: (independent, pd.DataFrame({"step": [50, 100, 150, 200], "val_loss": [1.9, 1.7, 1.6, 1.55]})),
+            0.0067: (independent, pd.DataFrame({"step": [50, 100, 150], "val_loss": [2.5, 2.2, 2.1]}))}
+    table = progressive_start.compare(logs).set_index("lmbda")
+    assert table.loc[0.013, ["independent_steps", "progressive_steps"]].tolist() == [400, 200]
+    assert table.loc[0.013, "independent_at_progressive_steps"] == 1.8
+    assert table.loc[0.013, "progressive_steps_to_independent_final"] == 150
+    assert pd.isna(table.loc[0.0067, "independent_at_progressive_steps"])  # never validated at step 150
+    assert pd.isna(table.loc[0.0067, "progressive_steps_to_independent_final"])  # never reached 1.6
+
+
 def test_a_checkpoint_that_used_a_removed_switch_says_so_when_it_resumes(tmp_path, images):
     config = TrainConfig(lmbda=0.0483, steps=4, batch_size=2, lr=1e-3)
     with pytest.raises(Interrupt):

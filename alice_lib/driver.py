@@ -184,7 +184,10 @@ class Progress:
     compared with its plan (observed / planned), so an estimate measured on a busy
     machine corrects itself after the first real work. Within an item, progress is
     read from the file it grows (``metrics.csv`` rows for training, ``results.csv``
-    rows for evaluation) and interpolated in time, never past the item's end.
+    rows for evaluation) and interpolated in time, never past the item's end. A training
+    resumed at step k of n is judged against (n - k) / n of its plan: the steps before k
+    were in its files when it started, and counting them would make every later
+    estimate too short.
     """
 
     def __init__(self, plan: ExperimentPlan, stream=None, enabled: bool = True):
@@ -192,7 +195,7 @@ class Progress:
 
         self.plan = plan
         self.overhead = NOTEBOOK_OVERHEAD
-        self.finished: list[tuple[WorkItem, float]] = []
+        self.finished: list[tuple[float, float]] = []  # (planned work seconds of what ran, seconds taken)
         self.index, self.item_started, self.started = 0, time.time(), time.time()
         self.bar = tqdm(total=max(1, round(sum(i.seconds for i in plan.work))), file=stream, disable=not enabled,
                         bar_format="{percentage:3.0f}%|{bar:24}| {desc}", mininterval=1.0, dynamic_ncols=True,
@@ -208,8 +211,14 @@ class Progress:
         item = self.plan.work[index]
         if not self.finished:  # the first notebook does almost nothing but start: that is the overhead
             self.overhead = max(1.0, seconds - item.work_seconds)
-        self.finished.append((item, seconds))
+        self.finished.append((self._planned_here(item), seconds))
         self.refresh(done=True)
+
+    def _planned_here(self, item: WorkItem) -> float:
+        """The planned work seconds of the part of ``item`` that ran since :meth:`start` (a resumed training's rest)."""
+        if item.unit != "step" or self._baseline <= 0 or item.units <= 0:
+            return item.work_seconds
+        return item.work_seconds * max(0, item.units - self._baseline) / item.units
 
     def _file_units(self, item: WorkItem) -> int:
         """Units already visible in the item's files: the last training step of each, or result rows."""
@@ -228,7 +237,7 @@ class Progress:
 
     def _ratio(self) -> float:
         """Observed over planned seconds of the finished work (1 until there is enough to judge)."""
-        planned = sum(i.work_seconds for i, _ in self.finished)
+        planned = sum(p for p, _ in self.finished)
         actual = sum(max(0.0, s - self.overhead) for _, s in self.finished)
         return actual / planned if planned > 5 else 1.0
 

@@ -82,6 +82,27 @@ def test_progress_rescales_the_estimate_by_the_observed_speed(smoke_plan):
     assert "03_adapt" in text and "steps" in text and "ETA" in text
 
 
+def test_progress_judges_a_resumed_training_by_the_steps_it_ran(smoke_plan):
+    """A training that resumes at step 2 of 3 ran a third of its plan: finishing it in a third
+    of the planned time is the planned speed, not three times it."""
+    progress = Progress(smoke_plan, stream=io.StringIO())
+    index = next(i for i, w in enumerate(smoke_plan.work) if w.notebook == "03_adapt")
+    item = smoke_plan.work[index]
+    log = item.watch[0]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("epoch,step,train_loss\n1,2,0.5\n")  # resumed: steps 1-2 were trained before
+    progress.start(index)
+    log.write_text("epoch,step,train_loss\n1,2,0.5\n2,3,0.4\n")
+    progress.finish(index, progress.overhead + item.work_seconds / 3)
+    assert progress.finished[-1][0] == pytest.approx(item.work_seconds / 3)
+    assert progress._ratio() == pytest.approx(1.0)
+    log.unlink()
+    progress.start(index)  # from step 0: judged against the whole plan
+    progress.finish(index, progress.overhead + item.work_seconds)
+    assert progress.finished[-1][0] == pytest.approx(item.work_seconds)
+    progress.close()
+
+
 def test_format_seconds_reads_at_a_glance():
     assert (format_seconds(40), format_seconds(725), format_seconds(3 * 3600 + 720)) == ("40 s", "12 min 5 s",
                                                                                           "3 h 12 min")

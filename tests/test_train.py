@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import math
 import os
 import socket
@@ -929,15 +930,20 @@ def test_a_checkpoint_of_the_code_before_the_split_resumes_with_alice_train(tmp_
     assert float(rows[-1]["train_loss"]) == pytest.approx(expected["row"]["train_loss"], rel=1e-5)
 
 
+def _benchmark(name: str):
+    """A script of ``benchmarks/`` (not a package) imported as a module."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
 def test_the_pilots_command_builds_the_pilots_configuration(monkeypatch, tmp_path):
     """benchmarks/cpu_scale_pilot.py's `alice train` yields the configuration its runs started with under
     the old command line (their last.pt's train_config, less the removed switches), the same model and the
     same checkpoint record: the runs resume after the split."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from cpu_scale_pilot import train_command
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    train_command = _benchmark("cpu_scale_pilot").train_command
     from alice_lib.train import command
 
     seen = {}
@@ -967,11 +973,7 @@ def test_the_pilots_command_builds_the_pilots_configuration(monkeypatch, tmp_pat
 def test_the_budget_measurement_stops_at_the_first_doubling_that_names_n(monkeypatch, tmp_path):
     """benchmarks/fine_tune_budget.py: N is the first validated step whose double gains under 1 %, and
     training stops at the first doubling after which the rule names one."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import fine_tune_budget
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    fine_tune_budget = _benchmark("fine_tune_budget")
     assert fine_tune_budget.budget([100, 200, 400, 800], [10.0, 8.0, 7.95, 7.0]) == 200
     assert fine_tune_budget.budget([100, 200, 400], [10.0, 8.0, 7.0]) is None
     assert fine_tune_budget.stages(100, 6400) == [200, 400, 800, 1600, 3200, 6400]
@@ -997,11 +999,7 @@ def test_the_budget_measurement_stops_at_the_first_doubling_that_names_n(monkeyp
 def test_the_cpu_chain_reads_n_back_and_stages_only_the_runs_it_trained(tmp_path):
     """benchmarks/cpu_next_chain.py: the budget's committed table names the same N as the rule on the log,
     and a run installed from a staged file is not staged again."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import cpu_next_chain
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    cpu_next_chain = _benchmark("cpu_next_chain")
     assert cpu_next_chain.committed_budget(tmp_path) is None
     pd.DataFrame({"N": [100, 200, 400], "obj_N": [10.0, 8.0, 7.95], "obj_2N": [8.0, 7.95, 7.0]}).to_csv(
         tmp_path / "budget.csv", index=False)  # as fine_tune_budget.py report writes it
@@ -1018,11 +1016,7 @@ def test_the_cpu_chain_reads_n_back_and_stages_only_the_runs_it_trained(tmp_path
 def test_the_progressive_report_compares_each_rate_at_both_budgets():
     """benchmarks/progressive_start.py: the independent run's objective at the progressive run's
     last step, and the first step at which the progressive run reaches the independent's final."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import progressive_start
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    progressive_start = _benchmark("progressive_start")
     independent = pd.DataFrame({"step": [100, 200, 300, 400], "val_loss": [2.0, 1.8, 1.7, 1.6]})
     logs = {0.013: (independent, pd.DataFrame({"step": [50, 100, 150, 200], "val_loss": [1.9, 1.7, 1.6, 1.55]})),
             0.0067: (independent, pd.DataFrame({"step": [50, 100, 150], "val_loss": [2.5, 2.2, 2.1]}))}

@@ -2,25 +2,25 @@
 
 A session's files outside the repository do not outlive it (the anchor's run folder, optimiser
 state included, was lost with its machine between two sessions), so each piece ends in files
-that are committed: the budget's table, then every trained run staged in
-``alice_lib/weights/next/`` under the staged profile's names (``docs/cpu-scale/cpu-next.yaml``).
+that are committed: the budget's table, then every trained run shipped in
+``alice_lib/weights/`` under the CPU profile's names (``alice_lib/profiles/cpu.yaml``; staged in
+``weights/next/`` under ``docs/cpu-scale/cpu-next.yaml`` until all fifteen existed).
 ``run`` does whatever comes next, in order, and resumes within a session:
 
 1. **budget** (done): the full fine-tune at lambda 0.0018 in doublings (``fine_tune_budget.py``),
    its report in ``docs/cpu-scale/budget/``; N is the first with obj(2N) > 0.99 obj(N). The chain
    stops there, so that the profile's ``adapt.steps`` is set from it and committed (the rule named
    no N within 1,600 steps; 800 was chosen, docs/cpu-scale/README.md).
-2. **runs**: ``alice run --profile docs/cpu-scale/cpu-next.yaml`` (references, ALICE and vanilla at
-   the five targets, on the staged anchor, ``adapt.steps`` each): staged runs are installed, the
-   others trained; the evaluation codes one Kodak image, a check that every notebook runs.
-3. **progressive** (once all fifteen runs are staged): ALICE with each adapter started from its
+2. **runs** (done): ``alice run --profile cpu`` (references, ALICE and vanilla at the five
+   targets, on the shipped anchor, ``adapt.steps`` each): shipped runs are installed, the others trained; the evaluation codes one Kodak image, a check that every notebook runs.
+3. **progressive** (once all fifteen runs are shipped): ALICE with each adapter started from its
    neighbour's (``progressive_start.py``), and its table against the independent runs. The first
-   rate down from the anchor (0.025) starts from the anchor in both schemes: the staged independent
+   rate down from the anchor (0.025) starts from the anchor in both schemes: the shipped independent
    run stands for it. Each lower rate gets a quarter of the independent budget
    (``PROGRESSIVE_STEPS``), validated every 50 steps: Xu, Huang and Wu report 97 % fewer steps,
    and four runs of 200 steps fit beside the rest of a session (about half an hour).
 
-``stage`` (before a session ends) ships each run trained here into ``alice_lib/weights/next/``
+``stage`` (before a session ends) ships each run trained here into ``alice_lib/weights/``
 with its log (``pipeline.ship_run``), to commit.
 
 Training runs under jemalloc where it is installed (``apt-get install libjemalloc2``): under
@@ -29,7 +29,7 @@ under jemalloc 740 and 1.5-1.6 s (docs/cpu-scale/README.md).
 
     apt-get install -y libjemalloc2      # once per machine
     nohup nice -n 5 python benchmarks/cpu_next_chain.py run >> /work/cpu-scale-runs/chain.log 2>&1 &
-    python benchmarks/cpu_next_chain.py stage     # then: git add alice_lib/weights/next && git commit
+    python benchmarks/cpu_next_chain.py stage     # then: git add alice_lib/weights && git commit
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from alice_lib.run_folder import RunLayout  # noqa: E402
 from alice_lib.settings import Settings, load_settings  # noqa: E402
 from fine_tune_budget import budget  # noqa: E402  (the issue's rule, in one place)
 
-PROFILE = ROOT / "docs" / "cpu-scale" / "cpu-next.yaml"
+PROFILE = ROOT / "alice_lib" / "profiles" / "cpu.yaml"
 JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
 BUDGET_DIR = ROOT / "docs" / "cpu-scale" / "budget"
 PROGRESSIVE_STEPS = 200  # per rate below the first: a quarter of the independent runs' 800
@@ -109,7 +109,7 @@ def _call(command: list[str], log: Path) -> None:
 
 
 def _alice_run(args: argparse.Namespace) -> None:
-    """The staged profile's main job in ``ROOT/main``: staged runs installed, the others trained, one Kodak image."""
+    """The profile's main job in ``ROOT/main``: shipped runs installed, the others trained, one Kodak image."""
     _call([sys.executable, "-m", "alice_lib.cli", "run", "--profile", str(args.profile), "--run-dir",
            str(args.root / "main"), "--reports-dir", str(args.root / "main-reports"), "-p", "eval.max_images=1"], args.root / "main.log")
 
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> None:
            "adapt.validate_every=50", "--run-dir", str(args.root / "progressive"), "--threads", str(args.threads),
            "--no-progress"], args.root / "progressive.log")
     if not (args.root / "main").exists():
-        _alice_run(args)  # installs the staged runs: the independent runs' logs to compare with
+        _alice_run(args)  # installs the shipped runs: the independent runs' logs to compare with
     _call([python, str(bench / "progressive_start.py"), "report", "--profile", str(args.profile),
            "--independent", str(args.root / "main"), "--progressive", str(args.root / "progressive"),
            "--out", str(out)], args.root / "progressive.log")

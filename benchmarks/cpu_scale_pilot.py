@@ -11,7 +11,7 @@ continues each run until its training time (the ``seconds`` column of its
 
     python benchmarks/cpu_scale_pilot.py train --hours 3          # resumable; Ctrl-C stops every run
     python benchmarks/cpu_scale_pilot.py report --out docs/cpu-scale/pilot
-    python benchmarks/cpu_scale_pilot.py report-anchor --run alice_lib/weights/next/cpu_anchor.metrics.csv --out docs/cpu-scale/anchor
+    python benchmarks/cpu_scale_pilot.py report-anchor --run alice_lib/weights/cpu_anchor.metrics.csv --out docs/cpu-scale/anchor
     python benchmarks/checkpoint_kodak.py runs/cpu-scale-pilot/*/best.pt   # Kodak, real bitstreams, vs JPEG
 
 ``report`` writes ``pilot.csv`` (the last validation of each run, its steps and
@@ -55,7 +55,8 @@ RECIPE: dict[str, str] = {
     "anchor.train.schedule": "constant", "anchor.train.steps": "1000000", "anchor.train.validate_every": "200",
     "anchor.train.checkpoint_every": "50", "anchor.train.average_decay": "0.999",
     "anchor.train.hyper_init_gain": "300", "anchor.train.hyper_lr_scale": "0.125",
-    "anchor.train.precision": "fp32", "anchor.train.seed": "0"}
+    "anchor.train.precision": "fp32", "anchor.train.seed": "0",
+    "anchor.train.decay_fraction": "0.2"}  # unused by a constant rate, but the runs' recorded configuration
 
 
 def alice_train(run_dir: Path, threads: int, overrides: dict, *options: str) -> list[str]:

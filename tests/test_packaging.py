@@ -32,53 +32,42 @@ def test_required_pins():
 
 
 def test_shipped_cpu_models_load_and_fit_the_size_budget():
-    """The CPU profile's six fixed-rate models: the profile's size, their lambda, the agreed storage."""
+    """The CPU profile's shipped set (issue 25): the anchor, in float16, is the profile's model at its
+    lambda, trained as long as its recipe says; every adaptation run (ALICE's adapters, vanilla's and
+    the references' weight deltas) loads onto that anchor and nothing else, at its lambda, with a log of
+    the profile's budget beside it; all of it under the agreed 60 MB, and in the wheel."""
+    import pandas as pd
     import torch
     from safetensors import safe_open
 
-    from alice_lib.checkpoints import load_stf, read_checkpoint
+    from alice_lib.adapter_files import load_adapters
+    from alice_lib.checkpoints import load_stf, load_weight_delta, read_checkpoint
     from alice_lib.settings import PACKAGE_DIR, load_settings
 
     settings = load_settings("cpu")
-    files = {settings.anchor.lmbda: settings.anchor.shipped_weights}
-    files.update({l: settings.references.shipped_weights(l) for l in settings.targets})
-    for lmbda, path in files.items():
-        _, config, metadata = read_checkpoint(path)
-        assert config == settings.model.stf and float(metadata["lmbda"]) == lmbda, path
-        with safe_open(str(path), framework="pt") as f:
-            dtype = f.get_tensor("cc_mean_transforms.0.0.weight").dtype
-        assert dtype == (torch.float32 if lmbda == settings.anchor.lmbda else torch.float16), (path, dtype)
-        model = load_stf(path)  # the coder tables travel in the file: no update needed to code
-        assert model.entropy_bottleneck._quantized_cdf.numel() > 0
-    shipped = sum(p.stat().st_size for p in (PACKAGE_DIR / "weights").iterdir() if p.is_file())
-    assert shipped < 60e6, f"alice_lib/weights holds {shipped / 1e6:.1f} MB"
-
-
-def test_the_staged_cpu_profile_loads_and_its_anchor_is_its_model():
-    """Issue 25's CPU profile (``docs/cpu-scale/cpu-next.yaml``) stages its weights in
-    ``alice_lib/weights/next/``, outside the wheel, until they replace today's: the anchor there
-    is that profile's model at its lambda, in float16, trained as long as the profile's recipe says."""
-    import tomllib
-
-    import torch
-    from safetensors import safe_open
-
-    from alice_lib.checkpoints import load_stf, read_checkpoint
-    from alice_lib.settings import load_settings
-
-    settings = load_settings(REPO / "docs" / "cpu-scale" / "cpu-next.yaml")
     path = settings.anchor.shipped_weights
-    assert path.parent.name == "next", path
     _, config, metadata = read_checkpoint(path)
     assert config == settings.model.stf and float(metadata["lmbda"]) == settings.anchor.lmbda
     assert int(metadata["trained_steps"]) == settings.anchor.train.steps
     with safe_open(str(path), framework="pt") as f:
         assert f.get_tensor("patch_embed.proj.weight").dtype == torch.float16
-    assert load_stf(path).entropy_bottleneck._quantized_cdf.numel() > 0
-    staged = sum(p.stat().st_size for p in path.parent.iterdir())
-    assert staged < 60e6, f"{path.parent} holds {staged / 1e6:.1f} MB"
+    anchor = load_stf(path)  # the coder tables travel in the file: no update needed to code
+    assert anchor.entropy_bottleneck._quantized_cdf.numel() > 0
+    for method in settings.adaptation.methods:
+        steps = settings.adaptation.training(method).steps
+        for lmbda in settings.targets:
+            run = settings.adaptation.shipped_weights(method, lmbda)
+            if method == "alice":
+                assert float(load_adapters(run, load_stf(path))["lambda"]) == lmbda, run
+            else:
+                assert load_weight_delta(run, anchor).config == settings.model.stf, run
+                with safe_open(str(run), framework="pt") as f:
+                    assert float(f.metadata()["lmbda"]) == lmbda, run
+            assert pd.read_csv(run.with_suffix(".metrics.csv"))["step"].max() == steps, run
+    shipped = sum(p.stat().st_size for p in (PACKAGE_DIR / "weights").iterdir() if p.is_file())
+    assert shipped < 60e6, f"alice_lib/weights holds {shipped / 1e6:.1f} MB"
     package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    assert all("next" not in pattern for pattern in package_data["alice_lib"])  # not in the wheel twice
+    assert {"weights/*.safetensors", "weights/*.csv"} <= set(package_data["alice_lib"])
 
 
 def test_no_large_file_is_tracked_outside_weights_and_snapshots():

@@ -147,14 +147,14 @@ def test_settings_reject_what_cannot_describe_an_experiment():
 def test_reference_sources_and_labels():
     paper, cpu = load_settings("paper"), load_settings("cpu")
     assert paper.references.source == "published" and paper.result_label("full") == "full"
-    assert cpu.references.source == "scratch" and cpu.result_label("full") == "full"
-    assert cpu.references_to_train() == ()  # all five are shipped
-    scratch = load_settings("cpu", {"references.weights": "x_{lmbda}.safetensors"})
+    assert cpu.references.source == "full" and cpu.result_label("full") == "fixed-rate"
+    assert cpu.references_to_train() == ()  # fine-tunes: nothing trained from scratch
+    scratch = load_settings("cpu", {"references.source": "scratch", "references.weights": "x_{lmbda}.safetensors"})
+    assert scratch.result_label("full") == "full"  # then a curve of its own
     assert scratch.references.shipped_weights(0.0067).name == "x_0.0067.safetensors"
     assert scratch.references_to_train() == scratch.targets  # nothing of that name is shipped
-    finetune = load_settings("cpu", {"references.source": "full"})
-    assert finetune.result_label("full") == "fixed-rate"
-    assert finetune.references_to_train() == ()  # fine-tunes: nothing trained from scratch
+    named = load_settings("cpu", {"references.source": "scratch", "references.weights": "cpu_full_{lmbda}.safetensors"})
+    assert named.references_to_train() == ()  # a shipped file of that name at every target: none trained
 
 
 def test_the_full_fine_tune_has_one_name_and_the_old_names_are_refused(tmp_path):

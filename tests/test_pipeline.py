@@ -291,16 +291,16 @@ def test_paper_profile_carries_the_published_settings():
 def test_cpu_profile_keeps_its_schedule_and_states_its_choices():
     cpu = wb.load_profile("cpu")
     s = cpu.adaptation.training("alice")
-    assert (s.steps, s.batch_size, s.crop, s.lr, s.schedule_unit, s.flip, s.seed) == (300, 4, 256, 1e-3, "step",
-                                                                                       True, 0)
-    assert cpu.adaptation.training("vanilla") == s  # one budget for every method
+    assert (s.steps, s.batch_size, s.crop, s.lr, s.schedule, s.schedule_unit, s.flip, s.seed) == (
+        800, 4, 256, 5e-4, "hold-cosine", "step", True, 0)
+    assert cpu.adaptation.training("vanilla") == s == cpu.adaptation.training("full")  # one budget for every method
     assert (cpu.data.val_source, cpu.data.val_images, cpu.data.val_crop) == ("held_out", 16, 256)
-    assert cpu.anchor.weights == "cpu_anchor.safetensors" and cpu.anchor.train.steps == 1600
-    # the shipped set's recipe; recipe v2 (docs/studies/recipe-v2.md) sets these to 300 and 0.125
-    assert (cpu.anchor.train.hyper_init_gain, cpu.anchor.train.hyper_lr_scale) == (1.0, 1.0)
-    assert (cpu.references.source, cpu.references.weights) == ("scratch", "cpu_fixed_{lmbda}.safetensors")
+    assert cpu.anchor.weights == "cpu_anchor.safetensors" and cpu.anchor.train.steps == 26700
+    # a hyperprior alive by construction (docs/studies/hyperprior.md)
+    assert (cpu.anchor.train.hyper_init_gain, cpu.anchor.train.hyper_lr_scale) == (300, 0.125)
+    assert (cpu.references.source, cpu.adaptation.weights) == ("full", "cpu_{method}_{lmbda}.safetensors")
     text = (PROFILE_DIR / "cpu.yaml").read_text()
-    for key in ("flip: true", "schedule_unit: step", "val_source: held_out"):
+    for key in ("flip: true", "steps: 800", "batch_size: 4 ", "val_source: held_out", "entropy_channels: 48"):
         line = next(line for line in text.splitlines() if key in line)
         assert "#" in line, f"cpu.yaml does not say why {key!r}"
 
@@ -417,7 +417,8 @@ def test_neighbour_start_trains_outwards_and_starts_each_run_from_the_last_resul
 
 def test_use_shipped_switches_off_every_weight_file_and_bad_values_are_refused():
     shipped = load_settings("cpu", {"adapt.weights": "cpu_{method}_{lmbda}.safetensors"})
-    assert shipped.use_shipped and shipped.anchor.weights and shipped.references.weights
+    assert shipped.use_shipped and shipped.anchor.weights and shipped.adaptation.weights
+    assert shipped.references.source == "full"  # the references are the shipped full fine-tunes
     retrain = load_settings("cpu", {"adapt.weights": "cpu_{method}_{lmbda}.safetensors", "use_shipped": False})
     assert (retrain.anchor.weights, retrain.references.weights, retrain.adaptation.weights) == (None, None, None)
     assert retrain.anchor.train == shipped.anchor.train  # the same recipes, trained here

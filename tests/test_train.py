@@ -998,18 +998,18 @@ def test_the_budget_measurement_stops_at_the_first_doubling_that_names_n(monkeyp
 
 def test_the_cpu_chain_reads_n_back_and_stages_only_the_runs_it_trained(tmp_path):
     """benchmarks/cpu_next_chain.py: the budget's committed table names the same N as the rule on the log,
-    and a run installed from a staged file is not staged again."""
+    and a run installed from a shipped file is not shipped again."""
     cpu_next_chain = _benchmark("cpu_next_chain")
     assert cpu_next_chain.committed_budget(tmp_path) is None
     pd.DataFrame({"N": [100, 200, 400], "obj_N": [10.0, 8.0, 7.95], "obj_2N": [8.0, 7.95, 7.0]}).to_csv(
         tmp_path / "budget.csv", index=False)  # as fine_tune_budget.py report writes it
     assert cpu_next_chain.committed_budget(tmp_path) == 200
-    settings = load_settings(REPO / "docs" / "cpu-scale" / "cpu-next.yaml")
+    settings = load_settings("cpu")
     layout = RunLayout(tmp_path / "run")
     for method, lmbda in [("alice", 0.0018), ("full", 0.025)]:
         layout.rate_artifact(method, lmbda).parent.mkdir(parents=True, exist_ok=True)
         layout.rate_artifact(method, lmbda).write_bytes(b"trained")
-    layout.rate_source("full", 0.025).write_text("{}")  # installed from its staged file
+    layout.rate_source("full", 0.025).write_text("{}")  # installed from its shipped file
     assert cpu_next_chain.trained_here(settings, tmp_path / "run") == [("alice", 0.0018)]
 
 

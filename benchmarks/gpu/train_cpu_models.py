@@ -28,9 +28,12 @@ got their second cycle; ``--steps`` skips the calibration)::
 
 Back on this machine, ``--ship DIR`` turns the returned ``weights-<lambda>.safetensors`` (or,
 for models trained on the CPU, each ``DIR/fixed-rate-<lambda>/last.pt``; ``--only LAMBDA`` picks
-some) into the profile's shipped models (``alice_lib/weights/cpu_anchor.safetensors`` in float32,
-``cpu_fixed_<lambda>.safetensors`` in float16, each with its coder tables built from
-exactly the stored values and the training facts in its metadata)::
+some) into shipped models in float16 (``alice_lib/weights/cpu_anchor.safetensors``, and
+references from scratch as ``cpu_scratch_<lambda>.safetensors``: the profile's own references
+are fine-tuned from the anchor, so these are a curve of their own, loaded with
+``-p references.source=scratch -p references.weights=cpu_scratch_{lmbda}.safetensors``), each
+with its coder tables built from exactly the stored values and the training facts in its metadata.
+(Until issue 25 the CPU profile's anchor and references were these six, at embed 12.)::
 
     python benchmarks/gpu/train_cpu_models.py --ship /work/.device/3 --facts facts.json
 """
@@ -47,6 +50,7 @@ import tarfile
 import time
 from pathlib import Path
 
+from alice_lib.run_folder import lmbda_tag
 from alice_lib.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,6 +60,7 @@ LAMBDAS = (ANCHOR, *CPU.targets)
 RECIPE = ["--profile", "cpu", "--threads", "1", "--no-progress", "-p", "anchor.train.schedule=cosine",
           "-p", "data.val_images=16", "-p", "anchor.train.num_workers=1"]
 VALIDATIONS = 20  # rows of metrics.csv per run
+SCRATCH_REFERENCES = "cpu_scratch_{lmbda}.safetensors"  # where the profile names none (references.source: full)
 
 
 def _launch(args: argparse.Namespace, run_dir: Path, lmbda: float, steps: int, per_epoch: int,
@@ -147,10 +152,9 @@ def ship(results: Path, weights_dir: Path, facts: dict, lambdas: tuple[float, ..
         state, found = trained_weights(results, lmbda)
         model = SymmetricalTransFormer(CPU.model.stf)
         load_state_dict_checked(model, state, source=f"{results} ({lmbda})")
-        dtype = torch.float32 if lmbda == ANCHOR else torch.float16
-        path = (weights_dir / CPU.anchor.weights if lmbda == ANCHOR
-                else weights_dir / CPU.references.shipped_weights(lmbda).name)
-        written.append(ship_stf(path, model, {"lmbda": lmbda, **found, **facts}, dtype=dtype))
+        name = CPU.anchor.weights if lmbda == ANCHOR else (CPU.references.weights or SCRATCH_REFERENCES).format(
+            lmbda=lmbda_tag(lmbda))
+        written.append(ship_stf(weights_dir / name, model, {"lmbda": lmbda, **found, **facts}, dtype=torch.float16))
     return written
 
 

@@ -183,8 +183,9 @@ class Progress:
     01_data actually took) plus their planned work scaled by how the finished work
     compared with its plan (observed / planned), so an estimate measured on a busy
     machine corrects itself after the first real work. Within an item, progress is
-    read from the file it grows (``metrics.csv`` rows for training, ``results.csv``
-    rows for evaluation) and interpolated in time, never past the item's end. A training
+    read from the file it grows: ``metrics.csv`` rows for training, interpolated in time
+    and never past the item's end, and ``results.csv`` rows for evaluation, counted, with
+    the item's remaining time taken from the pace at which they came. A training
     resumed at step k of n is judged against (n - k) / n of its plan: the steps before k
     were in its files when it started, and counting them would make every later
     estimate too short.
@@ -247,14 +248,20 @@ class Progress:
     def refresh(self, done: bool = False) -> None:
         item = self.plan.work[self.index]
         ratio = self._ratio()
+        elapsed = time.time() - self.item_started
+        item_left = 0.0
         if done:
             fraction = 1.0
         else:
             seen = (self._file_units(item) - (self._baseline if item.unit == "image" else 0)) / max(1, item.units)
-            timed = (time.time() - self.item_started) / max(1e-6, self._expected(item, ratio))
-            fraction = min(0.99, max(seen, timed))
-        remaining = sum(self._expected(i, ratio) for i in self.plan.work[self.index + 1:]) \
-            + self._expected(item, ratio) * (1 - fraction)
+            if item.unit == "image" and seen > 0:
+                # Results arrive image by image: count them, and go on at the pace they came.
+                fraction = min(0.99, seen)
+                item_left = elapsed * (1 - fraction) / fraction
+            else:  # training logs arrive once per epoch: interpolate in time between them
+                fraction = min(0.99, max(seen, elapsed / max(1e-6, self._expected(item, ratio))))
+                item_left = self._expected(item, ratio) * (1 - fraction)
+        remaining = sum(self._expected(i, ratio) for i in self.plan.work[self.index + 1:]) + item_left
         self.bar.n = min(self.bar.total, round(sum(i.seconds for i in self.plan.work[:self.index])
                                                + item.seconds * fraction))
         units = f" {round(fraction * item.units):,}/{item.units:,} {item.unit}s" if item.unit != "task" else ""

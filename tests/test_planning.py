@@ -103,6 +103,32 @@ def test_progress_judges_a_resumed_training_by_the_steps_it_ran(smoke_plan):
     progress.close()
 
 
+def test_progress_counts_coded_images_and_takes_the_evaluation_s_pace_from_them(smoke_plan, monkeypatch):
+    """An evaluation slower than planned shows the images coded, not a time-based guess that
+    runs ahead of them, and its remaining time follows the pace of the rows so far."""
+    stream = io.StringIO()
+    progress = Progress(smoke_plan, stream=stream)
+    index = next(i for i, w in enumerate(smoke_plan.work) if w.unit == "image")
+    item = smoke_plan.work[index]
+    results = item.watch[0]
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text("method,image\n")
+    clock = [1000.0]
+    monkeypatch.setattr("alice_lib.driver.time.time", lambda: clock[0])
+    progress.start(index)
+    half = item.units // 2
+    results.write_text("method,image\n" + "m,x\n" * half)
+    clock[0] += 100 * progress._expected(item, 1.0)  # a hundred times slower than planned
+    progress.refresh()
+    line = stream.getvalue().rsplit("\r", 1)[-1]
+    assert f" {half:,}/{item.units:,} images" in line
+    later = sum(progress._expected(w, 1.0) for w in smoke_plan.work[index + 1:])
+    left = (clock[0] - 1000.0) * (item.units - half) / half
+    assert f"ETA {format_seconds(later + left)}" in line
+    results.unlink()
+    progress.close()
+
+
 def test_format_seconds_reads_at_a_glance():
     assert (format_seconds(40), format_seconds(725), format_seconds(3 * 3600 + 720)) == ("40 s", "12 min 5 s",
                                                                                           "3 h 12 min")

@@ -132,12 +132,14 @@ def draw_rd(
     curves_include_anchor: bool = False,
     xlim: tuple[float, float] | None = None,
     legend: str | None = "outside",
+    labels: Mapping[str, str] | None = None,
 ) -> None:
     """Draw the RD curves of ``metric`` against bpp on ``ax``: the one drawing of :func:`plot_rd`.
 
     Separate from the saving so that a figure made elsewhere (``alice_lib.explore``'s view)
     draws exactly the report's curves, styles and limits. ``legend``: ``"outside"`` (beside
-    the axes, never over the curves), ``"inside"`` (the best corner) or None.
+    the axes, never over the curves), ``"inside"`` (the best corner) or None. ``labels``:
+    legend entries that replace a method's default (what a run's curve is, e.g. its references).
     """
     if metric not in _METRIC_LABELS:
         raise ValueError(f"metric must be one of {sorted(_METRIC_LABELS)}")
@@ -149,7 +151,8 @@ def draw_rd(
     xlim = xlim or auto_xlim
     for i, method in enumerate(order):
         st = _style(method, i)
-        ax.plot(curves[method]["bpp"], curves[method][metric], label=st["label"], color=st["color"],
+        label = (labels or {}).get(method, st["label"])
+        ax.plot(curves[method]["bpp"], curves[method][metric], label=label, color=st["color"],
                 marker=st["marker"], linestyle=st["linestyle"])
     if len(anchor):
         ax.plot(anchor["bpp"], anchor[metric], **{**ANCHOR_STYLE, "label": _anchor_label(anchor)})
@@ -178,6 +181,7 @@ def plot_rd(
     title: str | None = None,
     xlim: tuple[float, float] | None = None,
     size: tuple[float, float] = (5.0, 2.7),
+    labels: Mapping[str, str] | None = None,
 ) -> tuple[Figure, list[Path]]:
     """RD curve of ``metric`` (``psnr`` or ``ms_ssim_db``) against bpp for each method, the anchor as a star.
 
@@ -190,7 +194,7 @@ def plot_rd(
         fig = Figure(figsize=size)
         ax = fig.add_subplot()
         draw_rd(ax, summary, metric, methods=methods, published=published,
-                curves_include_anchor=curves_include_anchor, xlim=xlim)
+                curves_include_anchor=curves_include_anchor, xlim=xlim, labels=labels)
         if title:
             ax.set_title(title)
         fig.tight_layout()

@@ -509,6 +509,16 @@ def anchor_training_log(settings: Settings, run_dir: str | Path) -> Path | None:
     return shipped if shipped and shipped.exists() else None
 
 
+#: What the fixed-rate curve is, per ``references.source``, where the figure must say more than "fixed-rate".
+REFERENCE_LABELS = {"full": "STF, fixed-rate: every weight fine-tuned from the anchor"}
+
+
+def curve_labels(settings: Settings) -> dict[str, str]:
+    """Legend entries of a run's figures that name what its curves are (the references' source)."""
+    label = REFERENCE_LABELS.get(settings.references.source)
+    return {"fixed-rate": label} if label else {}
+
+
 def write_report(settings: Settings, run_dir: str | Path, reports_dir: str | Path) -> dict:
     """Tables and figures of a finished run into ``reports_dir`` (05_figures).
 
@@ -524,7 +534,7 @@ def write_report(settings: Settings, run_dir: str | Path, reports_dir: str | Pat
         raise PipelineError(str(error)) from error
     spec = settings.evaluation
     plot_rd_curves(tables.summary, reports_dir, published=spec.published_points,
-                   curves_include_anchor=spec.curves_include_anchor)
+                   curves_include_anchor=spec.curves_include_anchor, labels=curve_labels(settings))
 
     published_rows, profile_rows = parameter_rows(settings, full_size=True), parameter_rows(settings)
     parameters = published_rows + profile_rows

@@ -542,6 +542,19 @@ def test_rd_figure_draws_the_anchor_as_its_own_marker(tmp_path):
     assert lines[ANCHOR_STYLE["label"]].get_marker() == "*"
 
 
+def test_rd_figure_names_the_references_by_their_source(tmp_path):
+    """The fixed-rate curve of a profile whose references are fine-tuned from the anchor says so."""
+    from alice_lib.pipeline import curve_labels
+    from alice_lib.settings import load_settings
+
+    labels = curve_labels(load_settings("cpu"))
+    assert labels == {"fixed-rate": "STF, fixed-rate: every weight fine-tuned from the anchor"}
+    assert curve_labels(load_settings("cpu", {"references.source": "scratch"})) == {}
+    fig, _ = plot_rd_curves(_summary(), tmp_path, published=False, labels=labels)["psnr"]
+    legend = [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
+    assert labels["fixed-rate"] in legend and "STF, fixed-rate models" not in legend and "ALICE" in legend
+
+
 # ------------------------------------------------------------------ rate-control measurement (moved from the codec)
 def test_interpolation_bd_rates_of_points_on_the_trained_curve():
     from alice_lib.evaluation.rate_control import interpolation_bd_rates

@@ -15,6 +15,13 @@ constant rate makes the stages one run.
 
     python benchmarks/fine_tune_budget.py train --init ANCHOR.safetensors --root runs/budget --steps 4000
     python benchmarks/fine_tune_budget.py report --root runs/budget --out docs/cpu-scale/budget
+
+``--method alice`` (or ``vanilla``) trains that method with the same schedule instead, and
+``gap`` compares its curve with the full fine-tune's, step by step: how ALICE's distance to
+its reference moves with the budget (``--tolerance -1`` keeps it training to ``--steps``)::
+
+    python benchmarks/fine_tune_budget.py train --method alice --tolerance -1 --steps 1600 --init ANCHOR --root runs/budget-alice
+    python benchmarks/fine_tune_budget.py gap --root runs/budget-alice --reference docs/cpu-scale/budget/metrics.csv --out docs/cpu-scale/budget
 """
 
 from __future__ import annotations
@@ -53,9 +60,9 @@ def train_command(args: argparse.Namespace, steps: int) -> list[str]:
                 "validate_every": args.every, "checkpoint_every": 50, "average_decay": args.average_decay,
                 "precision": "fp32", "seed": 0}
     overrides = {"data.train_dir": str(args.data), "data.val_images": 16, "data.val_crop": 256,
-                 **{f"adapt.full.{k}": v for k, v in schedule.items()},
+                 **{f"adapt.{args.method}.{k}": v for k, v in schedule.items()},
                  **{f"model.{k}": v for k, v in CANDIDATES[SIZE].items()}}
-    return alice_train(args.root, args.threads, overrides, "--method", "full", "--lmbda", str(LMBDA),
+    return alice_train(args.root, args.threads, overrides, "--method", args.method, "--lmbda", str(LMBDA),
                        "--init", str(args.init))
 
 
@@ -111,9 +118,31 @@ def report(args: argparse.Namespace) -> int | None:
     return n
 
 
+def gap_table(method_log: pd.DataFrame, reference_log: pd.DataFrame) -> pd.DataFrame:
+    """Per step validated in both logs: each objective and the method's distance above the reference's, in %."""
+    both = method_log[["step", "val_loss"]].merge(reference_log[["step", "val_loss"]], on="step",
+                                                  suffixes=("_method", "_reference"))
+    both["gap_pct"] = 100 * (both["val_loss_method"] / both["val_loss_reference"] - 1)
+    return both
+
+
+def gap(args: argparse.Namespace) -> pd.DataFrame:
+    table = gap_table(pd.read_csv(args.root / "metrics.csv"), pd.read_csv(args.reference))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"gap_{args.method}.csv"
+    table.to_csv(path, index=False)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"written: {path}")
+    return table
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("train", "report"))
+    parser.add_argument("command", choices=("train", "report", "gap"))
+    parser.add_argument("--method", choices=("full", "alice", "vanilla"), default="full",
+                        help="train / gap: the method fine-tuned (the rule reads full)")
+    parser.add_argument("--reference", type=Path, default=ROOT / "docs" / "cpu-scale" / "budget" / "metrics.csv",
+                        help="gap: the full fine-tune's log")
     parser.add_argument("--root", type=Path, default=ROOT / "runs" / "fine-tune-budget")
     parser.add_argument("--init", type=Path, help="train: the anchor's weights (a model file)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -129,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.init is None:
             parser.error("train needs --init (the anchor's weights)")
         sys.exit(train(args))
-    report(args)
+    gap(args) if args.command == "gap" else report(args)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,8 @@ from matplotlib.figure import Figure
 
 from .evaluation import ANCHOR_METHOD, anchor_points, published_points, rd_curves
 
-__all__ = ["METHOD_STYLES", "ANCHOR_STYLE", "PAPER_RC", "draw_rd", "plot_rd", "plot_rd_curves", "plot_parameter_bars",
-           "plot_training_curve", "plot_complexity_table", "save_figure"]
+__all__ = ["METHOD_STYLES", "REFERENCE_LABELS", "ANCHOR_STYLE", "PAPER_RC", "draw_rd", "plot_rd", "plot_rd_curves",
+           "plot_parameter_bars", "plot_training_curve", "plot_complexity_table", "save_figure"]
 
 #: label, colour, marker, line style per method (Okabe-Ito colours, colour-blind safe).
 METHOD_STYLES: dict[str, dict] = {
@@ -49,6 +49,8 @@ METHOD_STYLES: dict[str, dict] = {
     "webp": {"label": "WebP (4:2:0)", "color": "#E69F00", "marker": "<", "linestyle": "--"},
     "jpeg": {"label": "JPEG 4:4:4", "color": "#56B4E9", "marker": ">", "linestyle": "--"},
 }
+#: The fixed-rate curve's legend entry per ``references.source``, where "fixed-rate" alone would not say what it is.
+REFERENCE_LABELS = {"full": "STF, fixed-rate: every weight fine-tuned from the anchor"}
 #: The anchor (the frozen base, lambda 0.0483): one point, drawn as its own marker.
 ANCHOR_STYLE = {"label": "Anchor (frozen base)", "color": "#000000", "marker": "*", "markersize": 8,
                 "linestyle": "none", "zorder": 5}

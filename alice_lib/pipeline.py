@@ -509,12 +509,10 @@ def anchor_training_log(settings: Settings, run_dir: str | Path) -> Path | None:
     return shipped if shipped and shipped.exists() else None
 
 
-#: What the fixed-rate curve is, per ``references.source``, where the figure must say more than "fixed-rate".
-REFERENCE_LABELS = {"full": "STF, fixed-rate: every weight fine-tuned from the anchor"}
-
-
 def curve_labels(settings: Settings) -> dict[str, str]:
     """Legend entries of a run's figures that name what its curves are (the references' source)."""
+    from .figures import REFERENCE_LABELS
+
     label = REFERENCE_LABELS.get(settings.references.source)
     return {"fixed-rate": label} if label else {}
 

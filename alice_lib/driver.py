@@ -259,8 +259,9 @@ class Progress:
                 fraction = min(0.99, seen)
                 item_left = elapsed * (1 - fraction) / fraction
             else:  # training logs arrive once per epoch: interpolate in time between them
-                fraction = min(0.99, max(seen, elapsed / max(1e-6, self._expected(item, ratio))))
-                item_left = self._expected(item, ratio) * (1 - fraction)
+                expected = self._expected(item, ratio)
+                fraction = min(0.99, max(seen, elapsed / max(1e-6, expected)))
+                item_left = expected * (1 - fraction)
         remaining = sum(self._expected(i, ratio) for i in self.plan.work[self.index + 1:]) + item_left
         self.bar.n = min(self.bar.total, round(sum(i.seconds for i in self.plan.work[:self.index])
                                                + item.seconds * fraction))

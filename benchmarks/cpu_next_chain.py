@@ -12,7 +12,8 @@ that are committed: the budget's table, then every trained run shipped in
    stops there, so that the profile's ``adapt.steps`` is set from it and committed (the rule named
    no N within 1,600 steps; 800 was chosen, docs/cpu-scale/README.md).
 2. **runs** (done): ``alice run --profile cpu`` (references, ALICE and vanilla at the five
-   targets, on the shipped anchor, ``adapt.steps`` each): shipped runs are installed, the others trained; the evaluation codes one Kodak image, a check that every notebook runs.
+   targets, on the shipped anchor, ``adapt.steps`` each): shipped runs are installed, the others
+   trained; the evaluation codes one Kodak image, a check that every notebook runs.
 3. **progressive** (once all fifteen runs are shipped): ALICE with each adapter started from its
    neighbour's (``progressive_start.py``), and its table against the independent runs. The first
    rate down from the anchor (0.025) starts from the anchor in both schemes: the shipped independent

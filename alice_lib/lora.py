@@ -10,7 +10,9 @@ the adapters into the weights so that inference costs what the plain model costs
 The adapters know nothing about STF beyond the names of the layers they target:
 ``layers.<i>.blocks.<j>.mlp.fc1`` (encoder stage ``i``) and
 ``syn_layers.<i>.blocks.<j>.mlp.fc1`` (decoder stage ``i``), likewise ``fc2`` and,
-optionally, ``attn.qkv`` / ``attn.proj``. Parameter names reproduce the published
+optionally, ``attn.qkv`` / ``attn.proj`` and, beyond the published layout, each stage's
+resampling linear ``downsample.reduction`` (a probe of what MLP-only adapters cannot
+reach; off by default). Parameter names reproduce the published
 ALICE checkpoints: an adapted layer ``L`` stores ``L.linear.weight``,
 ``L.linear.bias``, ``L.lora.W_a`` (``[in, r]``) and ``L.lora.W_b`` (``[r, out]``),
 and computes ``linear(x) + alpha * (x @ W_a @ W_b)`` (alpha is *not* divided by
@@ -52,9 +54,11 @@ _CODER_BUFFER_SUFFIXES = ("_offset", "_quantized_cdf", "_cdf_length", "scale_tab
 # <stack>.<stage>.blocks.<block>.<layer>, where <stack> is the encoder or the decoder. A
 # leading prefix is allowed so that wrapped models (DDP's "module.", torch.compile's
 # "_orig_mod.") are recognised too.
-_TARGET_RE = re.compile(r"(?:^|\.)(layers|syn_layers)\.(\d+)\.blocks\.\d+\.(mlp\.fc1|mlp\.fc2|attn\.qkv|attn\.proj)$")
+_TARGET_RE = re.compile(r"(?:^|\.)(layers|syn_layers)\.(\d+)\."
+                        r"(?:blocks\.\d+\.(mlp\.fc1|mlp\.fc2|attn\.qkv|attn\.proj)|(downsample\.reduction))$")
 _STACK_FIELD = {"layers": "encoder", "syn_layers": "decoder"}
-_LAYER_FIELD = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "attn.qkv": "attn_qkv", "attn.proj": "attn_proj"}
+_LAYER_FIELD = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "attn.qkv": "attn_qkv", "attn.proj": "attn_proj",
+                "downsample.reduction": "downsample_reduction"}
 # Spellings accepted when reading YAML (the published file has no attention keys).
 _YAML_ALIASES = {"qkv": "attn_qkv", "proj": "attn_proj", "rank": "r"}
 
@@ -74,6 +78,7 @@ class LoRAConfig:
     mlp_fc2: bool = True
     attn_qkv: bool = False
     attn_proj: bool = False
+    downsample_reduction: bool = False  # not in the paper: PatchMerging / PatchSplit's linear, per stage
     encoder: list[bool] = field(default_factory=lambda: [True] * 4)
     decoder: list[bool] = field(default_factory=lambda: [True] * 4)
 
@@ -105,7 +110,7 @@ class LoRAConfig:
         return cls.from_dict(data)
 
     def to_yaml(self, path: str | os.PathLike) -> None:
-        """Write in the published layout; attention targets only when switched on."""
+        """Write in the published layout; the optional targets only when switched on."""
         # An integral alpha is written as an int, as in the published file ("alpha: 8").
         alpha = int(self.alpha) if self.alpha.is_integer() else self.alpha
         data: dict[str, Any] = {"r": self.r, "alpha": alpha, "mlp_fc1": self.mlp_fc1,
@@ -114,6 +119,8 @@ class LoRAConfig:
             data["attn_qkv"] = True
         if self.attn_proj:
             data["attn_proj"] = True
+        if self.downsample_reduction:
+            data["downsample_reduction"] = True
         data["encoder"], data["decoder"] = list(self.encoder), list(self.decoder)
         with open(path, "w") as f:
             yaml.safe_dump(data, f, sort_keys=False, default_flow_style=None)
@@ -214,6 +221,14 @@ class LoRALinear(nn.Module):
 
 
 # ---------------------------------------------------------------------------- injection
+def _target_of(name: str) -> tuple[str, int, str] | None:
+    """``(stack, stage, layer)`` of a layer an adapter could target, e.g. ``("layers", 2, "mlp.fc1")``."""
+    match = _TARGET_RE.search(name)
+    if match is None:
+        return None
+    return match.group(1), int(match.group(2)), match.group(3) or match.group(4)
+
+
 def target_names(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Dotted names of the layers ``config`` targets, in module order.
 
@@ -222,10 +237,10 @@ def target_names(model: nn.Module, config: LoRAConfig) -> list[str]:
     """
     names = []
     for name, module in model.named_modules():
-        match = _TARGET_RE.search(name)
-        if match is None or not isinstance(module, (nn.Linear, LoRALinear)):
+        target = _target_of(name)
+        if target is None or not isinstance(module, (nn.Linear, LoRALinear)):
             continue
-        stack, stage, layer = match.group(1), int(match.group(2)), match.group(3)
+        stack, stage, layer = target
         stages = getattr(config, _STACK_FIELD[stack])
         if stage >= len(stages):
             raise ValueError(f"{name}: the LoRA config lists {len(stages)} {_STACK_FIELD[stack]} "
@@ -276,11 +291,11 @@ def config_of(model: nn.Module) -> LoRAConfig | None:
     cfg = LoRAConfig(r=first.r, alpha=first.alpha, mlp_fc1=False, mlp_fc2=False,
                      encoder=[False] * 4, decoder=[False] * 4)
     for name in found:
-        stack, stage, layer = _TARGET_RE.search(name).groups()  # type: ignore[union-attr]
+        stack, stage, layer = _target_of(name)  # type: ignore[misc]
         setattr(cfg, _LAYER_FIELD[layer], True)
         stages = getattr(cfg, _STACK_FIELD[stack])
-        stages.extend([False] * (int(stage) + 1 - len(stages)))
-        stages[int(stage)] = True
+        stages.extend([False] * (stage + 1 - len(stages)))
+        stages[stage] = True
     return cfg
 
 

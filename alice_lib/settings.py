@@ -418,6 +418,8 @@ def load_settings(profile: str | os.PathLike | Mapping | Settings,
         path = profile_path(profile)
         raw, source = yaml.safe_load(path.read_text()) or {}, str(path)
     for key, value in (overrides or {}).items():
+        if key.startswith("lora.") and isinstance(raw.get("lora"), str):
+            raw["lora"] = _lora(raw["lora"]).to_dict()  # a named file: its keys, so that one of them can change
         _set_dotted(raw, key, _plain(value))  # as a YAML profile would say it: save_settings writes raw
     try:
         return _build(raw, source)

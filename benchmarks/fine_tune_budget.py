@@ -55,6 +55,13 @@ def logged_budget(root: Path, tolerance: float) -> tuple[pd.DataFrame, int | Non
     return log, budget(log["step"].tolist(), log["val_loss"].tolist(), tolerance)
 
 
+def _setting(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def train_command(args: argparse.Namespace, steps: int) -> list[str]:
     schedule = {"batch_size": 4, "crop": 256, "lr": args.lr, "schedule": "constant", "steps": steps,
                 "validate_every": args.every, "checkpoint_every": 50, "average_decay": args.average_decay,
@@ -62,6 +69,7 @@ def train_command(args: argparse.Namespace, steps: int) -> list[str]:
     overrides = {"data.train_dir": str(args.data), "data.val_images": 16, "data.val_crop": 256,
                  **{f"adapt.{args.method}.{k}": v for k, v in schedule.items()},
                  **{f"model.{k}": v for k, v in CANDIDATES[SIZE].items()}}
+    overrides.update(args.set)  # a probe's own settings (adapters, extra modules), beside the schedule
     return alice_train(args.root, args.threads, overrides, "--method", args.method, "--lmbda", str(LMBDA),
                        "--init", str(args.init))
 
@@ -129,7 +137,7 @@ def gap_table(method_log: pd.DataFrame, reference_log: pd.DataFrame) -> pd.DataF
 def gap(args: argparse.Namespace) -> pd.DataFrame:
     table = gap_table(pd.read_csv(args.root / "metrics.csv"), pd.read_csv(args.reference))
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"gap_{args.method}.csv"
+    path = args.out / f"gap_{args.name or args.method}.csv"
     table.to_csv(path, index=False)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"written: {path}")
@@ -153,7 +161,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tolerance", type=float, default=0.01)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "cpu-scale" / "budget")
+    parser.add_argument("-p", "--set", action="append", default=[], type=_setting, metavar="KEY=VALUE",
+                        help="train: a further setting, as alice train -p takes it (e.g. lora.r=32)")
+    parser.add_argument("--name", help="gap: the probe's name in the table's file (gap_NAME.csv; default the method)")
     args = parser.parse_args(argv)
+    args.set = dict(args.set)
     if args.command == "train":
         if args.init is None:
             parser.error("train needs --init (the anchor's weights)")

@@ -20,6 +20,7 @@ from alice_lib.lora import (
     LoRAConfig,
     LoRALinear,
     base_weights_hash,
+    config_of,
     count_parameters,
     inject_lora,
     load_lora_state_dict,
@@ -103,7 +104,7 @@ def test_profile_is_the_published_config(tmp_path):
     assert written["alpha"] == 8 and isinstance(written["alpha"], int)  # "alpha: 8" as published
     assert LoRAConfig.from_yaml(out) == cfg
 
-    custom = LoRAConfig(r=4, alpha=2, attn_qkv=True, encoder=[False, True, True, True])
+    custom = LoRAConfig(r=4, alpha=2, attn_qkv=True, downsample_reduction=True, encoder=[False, True, True, True])
     custom.to_yaml(out)
     assert LoRAConfig.from_yaml(out) == custom
     assert LoRAConfig.from_dict(custom.to_dict()) == custom
@@ -128,6 +129,13 @@ def test_target_names_follow_the_config():
                     for layer in ("attn.qkv", "attn.proj", "mlp.fc2")]
     with pytest.raises(ValueError, match="stages"):
         target_names(model, LoRAConfig(encoder=[True, True]))
+
+    # beyond the published layout: each stage's resampling linear (the last encoder stage has none)
+    resampling = LoRAConfig(mlp_fc1=False, mlp_fc2=False, downsample_reduction=True)
+    assert target_names(model, resampling) == [f"{stack}.{i}.downsample.reduction"
+                                               for stack in ("layers", "syn_layers") for i in range(3)]
+    both = LoRAConfig(downsample_reduction=True)
+    assert config_of(inject_lora(tiny_model(), both)) == both  # read back from the adapted layers' names
 
     wrapper = nn.Module()  # as DistributedDataParallel wraps a model under "module."
     wrapper.module = model

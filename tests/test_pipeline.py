@@ -7,6 +7,7 @@ on an earlier run's artefacts.
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 import contextlib
 import hashlib
 import os
@@ -21,7 +22,7 @@ from alice_lib import pipeline as wb
 from alice_lib.checkpoints import read_checkpoint
 from alice_lib.cli import main
 from alice_lib.driver import WIDGET_VIEW, report_files, run_pipeline, strip_notebook
-from alice_lib.settings import PROFILE_DIR, load_settings, save_settings
+from alice_lib.settings import PROFILE_DIR, SettingsError, load_settings, save_settings
 
 
 @contextlib.contextmanager
@@ -272,6 +273,16 @@ def test_saved_settings_load_back_equal_with_any_override(tmp_path):
     assert "!!python" not in path.read_text()  # a plain profile, readable by yaml.safe_load
     assert save_settings(load_settings(path), path).read_text().splitlines()[1:] == \
         path.read_text().splitlines()[1:]
+
+
+def test_one_adapter_setting_overrides_the_named_lora_file(tmp_path):
+    """``-p lora.r=32`` changes the rank and keeps the rest of ``lora_8_8.yaml`` (a probe beyond the paper)."""
+    published = load_settings("cpu").model.lora
+    settings = load_settings("cpu", {"lora.r": 32, "lora.attn_qkv": True})
+    assert settings.model.lora == replace(published, r=32, attn_qkv=True)
+    assert load_settings(save_settings(settings, tmp_path / "settings.yaml")).model.lora == settings.model.lora
+    with pytest.raises(SettingsError, match="ranks"):
+        load_settings("cpu", {"lora.ranks": 32})
 
 
 def test_paper_profile_carries_the_published_settings():

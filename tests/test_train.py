@@ -991,12 +991,18 @@ def test_the_budget_measurement_stops_at_the_first_doubling_that_names_n(monkeyp
 
     monkeypatch.setattr(fine_tune_budget.subprocess, "call", fake_training)
     namespace = argparse.Namespace(root=tmp_path, init=Path("anchor.safetensors"), data=Path("photos"), steps=6400,
-                                   every=100, lr=5e-4, average_decay=0.99, threads=1, tolerance=0.01, method="full")
+                                   every=100, lr=5e-4, average_decay=0.99, threads=1, tolerance=0.01, method="full",
+                                   set={})
     assert fine_tune_budget.train(namespace) == 0
     assert stopped_at == [200, 400, 800]  # after 800 steps N = 300 qualifies (7.43 > 0.99 * 7.5); 400 does too
     alice = fine_tune_budget.train_command(argparse.Namespace(**{**vars(namespace), "method": "alice"}), 400)
     assert ["--method", "alice"] == alice[alice.index("--method"):alice.index("--method") + 2]
     assert "adapt.alice.steps=400" in alice and not any(a.startswith("adapt.full.") for a in alice)
+    probe = fine_tune_budget.train_command(argparse.Namespace(**{**vars(namespace), "method": "alice",
+                                                                 "set": {"lora.r": "32"}}), 400)
+    assert "lora.r=32" in probe and "adapt.alice.steps=400" in probe  # a probe's setting beside the schedule
+    with pytest.raises(SystemExit):
+        fine_tune_budget.main(["train", "--init", "anchor.safetensors", "-p", "lora.r"])  # not KEY=VALUE
     gap = fine_tune_budget.gap_table(pd.DataFrame({"step": [100, 200, 300], "val_loss": [1.1, 0.9, 0.8]}),
                                      pd.DataFrame({"step": [100, 200], "val_loss": [1.0, 0.9]}))
     assert gap["step"].tolist() == [100, 200] and gap["gap_pct"].tolist() == pytest.approx([10.0, 0.0])

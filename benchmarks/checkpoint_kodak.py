@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from safetensors import safe_open
 
-from alice_lib.checkpoints import load_stf, read_checkpoint
+from alice_lib.adapter_files import ADAPTER_FORMAT, load_adapters
+from alice_lib.checkpoints import WEIGHT_DELTA_FORMAT, load_stf, load_weight_delta, read_checkpoint
 from alice_lib.data import list_images, read_image
 from alice_lib.evaluation import code_image
 from alice_lib.evaluation.coding import image_batch
@@ -43,8 +45,21 @@ JPEG_QUALITIES = (3, 5, 8, 10, 15, 20, 30, 40, 50, 65, 80, 90)
 def model_from_checkpoint(path: Path, anchor: Path = DEFAULT_ANCHOR) -> tuple[SymmetricalTransFormer, dict]:
     """The STF of a training checkpoint or a weights file, ready to code, and its step / lambda.
 
-    ``anchor``: the frozen weights under a trainable-only checkpoint (an adaptation run's)."""
+    ``anchor``: the frozen weights under a trainable-only checkpoint (an adaptation run's), and
+    under a shipped adapter file (merged) or weight delta (``alice_lib/weights/cpu_alice_*``)."""
     if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            file_format = (f.metadata() or {}).get("format")
+        if file_format in (ADAPTER_FORMAT, WEIGHT_DELTA_FORMAT):  # a shipped ALICE / vanilla / reference file
+            model = load_stf(anchor, update=False)
+            if file_format == ADAPTER_FORMAT:
+                meta = load_adapters(path, model)
+                merge_lora(model, strip=True)
+                lmbda = meta["lambda"]
+            else:
+                model, lmbda = load_weight_delta(path, model), None
+            model.eval().update(force=True)
+            return model, {"step": None, "lmbda": lmbda}
         _, _, metadata = read_checkpoint(path)
         step = metadata.get("step", metadata.get("trained_steps"))  # a snapshot's, or a shipped model's
         return load_stf(path), {"step": step, "lmbda": metadata.get("lmbda")}

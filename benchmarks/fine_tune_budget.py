@@ -22,6 +22,12 @@ its reference moves with the budget (``--tolerance -1`` keeps it training to ``-
 
     python benchmarks/fine_tune_budget.py train --method alice --tolerance -1 --steps 1600 --init ANCHOR --root runs/budget-alice
     python benchmarks/fine_tune_budget.py gap --root runs/budget-alice --reference docs/cpu-scale/budget/metrics.csv --out docs/cpu-scale/budget
+
+``-p KEY=VALUE`` trains a probe of one lever on the same schedule (``-p lora.r=32``,
+``-p "adapt.alice.also_train=[entropy]"``), and ``gap --name`` files its table apart::
+
+    python benchmarks/fine_tune_budget.py train --method alice --tolerance -1 --steps 200 --init ANCHOR --root runs/probe-r32 -p lora.r=32
+    python benchmarks/fine_tune_budget.py gap --method alice --name r32 --root runs/probe-r32
 """
 
 from __future__ import annotations

@@ -1008,6 +1008,29 @@ def test_the_budget_measurement_stops_at_the_first_doubling_that_names_n(monkeyp
     assert gap["step"].tolist() == [100, 200] and gap["gap_pct"].tolist() == pytest.approx([10.0, 0.0])
 
 
+def test_the_kodak_probes_read_the_shipped_runs_onto_the_anchor():
+    """benchmarks/checkpoint_kodak.py (and latent_rate.py through it) takes a shipped adapter file merged
+    onto the anchor, and a shipped weight delta as the weights it rebuilds, each at its lambda."""
+    from safetensors.torch import load_file
+
+    from alice_lib.checkpoints import load_stf
+    from alice_lib.lora import lora_delta
+
+    checkpoint_kodak = _benchmark("checkpoint_kodak")
+    weights = REPO / "alice_lib" / "weights"
+    anchor = load_stf(weights / "cpu_anchor.safetensors").state_dict()
+    alice, info = checkpoint_kodak.model_from_checkpoint(weights / "cpu_alice_0.0018.safetensors")
+    assert info["lmbda"] == 0.0018 and not any(".lora." in key for key in alice.state_dict())
+    factors = load_file(str(weights / "cpu_alice_0.0018.safetensors"))
+    layer = "layers.3.blocks.0.mlp.fc2"
+    expected = anchor[f"{layer}.weight"] + lora_delta(factors[f"{layer}.lora.W_a"].float(),
+                                                      factors[f"{layer}.lora.W_b"].float(), 8.0)
+    assert torch.allclose(alice.state_dict()[f"{layer}.weight"], expected, atol=1e-6)
+    assert torch.equal(alice.state_dict()["h_a.0.weight"], anchor["h_a.0.weight"])  # ALICE: entropy model frozen
+    reference, _ = checkpoint_kodak.model_from_checkpoint(weights / "cpu_full_0.0018.safetensors")
+    assert not torch.equal(reference.state_dict()["h_a.0.weight"], anchor["h_a.0.weight"])  # every weight tuned
+
+
 def test_the_cpu_chain_reads_n_back_and_stages_only_the_runs_it_trained(tmp_path):
     """benchmarks/cpu_next_chain.py: the budget's committed table names the same N as the rule on the log,
     and a run installed from a shipped file is not shipped again."""

@@ -49,7 +49,8 @@ def model_from_checkpoint(path: Path, anchor: Path = DEFAULT_ANCHOR) -> tuple[Sy
     under a shipped adapter file (merged) or weight delta (``alice_lib/weights/cpu_alice_*``)."""
     if path.suffix == ".safetensors":
         with safe_open(str(path), framework="pt") as f:
-            file_format = (f.metadata() or {}).get("format")
+            header = f.metadata() or {}
+        file_format = header.get("format")
         if file_format in (ADAPTER_FORMAT, WEIGHT_DELTA_FORMAT):  # a shipped ALICE / vanilla / reference file
             model = load_stf(anchor, update=False)
             if file_format == ADAPTER_FORMAT:
@@ -57,7 +58,7 @@ def model_from_checkpoint(path: Path, anchor: Path = DEFAULT_ANCHOR) -> tuple[Sy
                 merge_lora(model, strip=True)
                 lmbda = meta["lambda"]
             else:
-                model, lmbda = load_weight_delta(path, model), None
+                model, lmbda = load_weight_delta(path, model), float(header["lmbda"])
             model.eval().update(force=True)
             return model, {"step": None, "lmbda": lmbda}
         _, _, metadata = read_checkpoint(path)

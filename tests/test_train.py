@@ -1027,7 +1027,8 @@ def test_the_kodak_probes_read_the_shipped_runs_onto_the_anchor():
                                                       factors[f"{layer}.lora.W_b"].float(), 8.0)
     assert torch.allclose(alice.state_dict()[f"{layer}.weight"], expected, atol=1e-6)
     assert torch.equal(alice.state_dict()["h_a.0.weight"], anchor["h_a.0.weight"])  # ALICE: entropy model frozen
-    reference, _ = checkpoint_kodak.model_from_checkpoint(weights / "cpu_full_0.0018.safetensors")
+    reference, info = checkpoint_kodak.model_from_checkpoint(weights / "cpu_full_0.0018.safetensors")
+    assert info["lmbda"] == 0.0018
     assert not torch.equal(reference.state_dict()["h_a.0.weight"], anchor["h_a.0.weight"])  # every weight tuned
 
 
